@@ -1,0 +1,1 @@
+"""Input pipelines: tfds/tf.data, Remark 4 data order, embedded digits dataset."""

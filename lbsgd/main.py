@@ -1,0 +1,126 @@
+r"""Train k workers x n examples: ``python -m lbsgd.main --config=experiments/digits.py --workdir=runs/digits``.
+
+Any config field can be overridden: ``--config.num_workers=16``. Rerunning the same command on the
+same workdir resumes from the latest checkpoint. Bad input exits with status 2 and one line on
+stderr saying what is wrong and how to fix it.
+
+Multi-process (one process per host, JAX multi-controller): pass ``--coordinator_address``,
+``--num_processes`` and ``--process_id``, or ``--distributed=auto`` where JAX detects the cluster
+(SLURM, Open MPI, TPU pods).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to an experiments/*.py config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and results.json.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
+flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+flags.DEFINE_enum("distributed", "off", ["off", "auto"], "'auto': jax.distributed.initialize() detects the cluster.")
+flags.DEFINE_integer("heartbeat_timeout_s", 60, "Multi-process: seconds without a peer's heartbeat before exiting.")
+
+EXIT_USAGE = 2
+
+
+def fail(message: str) -> None:
+  """Print ``lbsgd: error: <message>`` on stderr (one line) and exit with status 2."""
+  print(f"lbsgd: error: {' '.join(str(message).split())}", file=sys.stderr)
+  sys.exit(EXIT_USAGE)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """Parse flags; a bad flag, missing/unreadable config file or unknown override exits 2 with one line."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    msg = str(e)
+    if "config" in msg and ("No such file" in msg or "not found" in msg.lower() or "does not exist" in msg):
+      fail(f"{msg}; pass --config=<path to an existing experiments/*.py file>")
+    if "override" in msg.lower() or "not in" in msg.lower() or "does not exist" in msg:
+      fail(f"{msg}; check the field name against the config file")
+    fail(msg)
+  except (FileNotFoundError, IOError) as e:
+    fail(f"--config file cannot be read ({e}); pass --config=<path to an existing experiments/*.py file>")
+  except (KeyError, AttributeError, ValueError, TypeError) as e:
+    fail(f"bad --config override: {e}; check the field name and value against the config file")
+  return argv
+
+
+def init_distributed() -> None:
+  """Join a multi-process run when asked to (before any JAX device is touched)."""
+  import jax
+
+  if FLAGS.coordinator_address or FLAGS.num_processes:
+    if not (FLAGS.coordinator_address and FLAGS.num_processes and FLAGS.process_id is not None):
+      fail("multi-process runs need all of --coordinator_address, --num_processes and --process_id")
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                               heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_s)
+  elif FLAGS.distributed == "auto":
+    jax.distributed.initialize()
+
+
+class _QuietLibraries(logging.Filter):
+  """Drop INFO chatter of orbax/tfds (they log every save step at INFO); keep warnings and errors."""
+
+  NOISY = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or not any(s in record.pathname for s in self.NOISY)
+
+
+def quiet_logging() -> None:
+  """Keep lbsgd's and clu's progress lines, silence libraries' INFO logs."""
+  from absl import logging as absl_logging
+
+  handler = absl_logging.get_absl_handler()
+  handler.addFilter(_QuietLibraries())
+  for h in logging.getLogger().handlers:
+    h.addFilter(_QuietLibraries())
+
+
+def main(argv) -> None:
+  """absl entry point: validate, then ``train.train_and_evaluate``."""
+  del argv
+  from lbsgd import validate
+
+  config = FLAGS.config
+  if config is None:
+    fail("--config is required; e.g. --config=experiments/digits.py")
+  try:
+    validate.check_config(config)
+    validate.check_workdir(FLAGS.workdir)
+  except validate.ConfigError as e:
+    fail(str(e))
+  logging.getLogger("lbsgd").setLevel(logging.INFO)
+  quiet_logging()
+  init_distributed()
+
+  import jax
+
+  from lbsgd import train
+  from lbsgd.data import pipeline
+
+  try:
+    validate.check_layout(config, jax.device_count(), jax.process_count())
+    train.train_and_evaluate(config, FLAGS.workdir)
+  except (validate.ConfigError, pipeline.DataError) as e:
+    fail(str(e))
+
+
+def run() -> None:
+  """Console-script entry (``lbsgd``)."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,457 @@
+"""Large-minibatch SGD as in Goyal et al. 2017, as optax transforms.
+
+"Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour", arXiv:1706.02677.
+Notation follows the paper: k workers, n examples per worker, global minibatch
+kn, reference rate eta for a minibatch of 256.
+
+  * ``linear_scaling``  -- Linear Scaling Rule (section 2.1).
+  * ``goyal_schedule``  -- gradual / constant warmup (section 2.2), then step
+                           or cosine decay.
+  * ``momentum_sgd``    -- momentum SGD in the eq. (10) form with the
+                           momentum correction of Remark 2.
+  * ``goyal_sgd``       -- L2 weight decay as a separate gradient term
+                           (Remark 1), no decay on BN gamma/beta or biases,
+                           then ``momentum_sgd``.
+  * ``lars``            -- LARS (You et al. 2017) on top of ``momentum_sgd``.
+  * ``from_config``     -- builds (transform, schedule) from a config object.
+
+This module depends only on jax and optax so that it can be copied into other
+projects as a single file.
+"""
+
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+ScalarOrSchedule = Union[float, optax.Schedule]
+
+WARMUPS = ("gradual", "constant", "none")
+DECAYS = ("step", "cosine", "none")
+OPTIMIZERS = ("goyal_sgd", "lars", "sgd")
+
+
+def _check_choice(field: str, value: Any, valid: Sequence[str]) -> None:
+    if value not in valid:
+        choices = ", ".join(repr(v) for v in valid)
+        raise ValueError(f"{field}: unknown value {value!r}; valid values are {choices}")
+
+
+# ---------------------------------------------------------------------------
+# Learning rate
+# ---------------------------------------------------------------------------
+
+
+def _epoch_to_step(epochs: float, steps_per_epoch: int) -> int:
+    """First iteration at or after ``epochs`` epochs (ceil, robust to float noise)."""
+    x = round(float(epochs) * steps_per_epoch, 6)
+    n = int(x)
+    return n if n == x else n + 1
+
+
+def linear_scaling(
+    base_learning_rate: float, global_batch_size: int, base_batch_size: int = 256
+) -> float:
+    """Linear Scaling Rule (Goyal et al. section 2.1).
+
+    "When the minibatch size is multiplied by k, multiply the learning rate by
+    k": a rate ``base_learning_rate`` (eta) tuned for ``base_batch_size``
+    examples becomes ``eta * kn / base_batch_size`` for a global minibatch of
+    kn = ``global_batch_size`` examples. With the paper's reference of 256,
+    eta = 0.1 and kn = 8192 give 3.2.
+    """
+    return float(base_learning_rate) * float(global_batch_size) / float(base_batch_size)
+
+
+def goyal_schedule(
+    base_learning_rate: float,
+    global_batch_size: int,
+    steps_per_epoch: int,
+    *,
+    base_batch_size: int = 256,
+    warmup: str = "gradual",
+    warmup_epochs: float = 5,
+    decay: str = "step",
+    decay_epochs: Sequence[float] = (30, 60, 80),
+    decay_factor: float = 0.1,
+    num_epochs: float = 90,
+) -> optax.Schedule:
+    """Per-iteration learning rate of Goyal et al.: warmup, then decay.
+
+    Let eta = ``base_learning_rate``, k*eta = ``linear_scaling(eta, kn,
+    base_batch_size)``, W = ``warmup_epochs * steps_per_epoch`` and
+    T = ``num_epochs * steps_per_epoch``; fractional epochs are rounded up
+    to the first whole iteration at or after them. The
+    schedule maps the 0-based iteration t to
+
+    warmup (section 2.2), for t < W:
+      * ``'gradual'``:  eta + (k*eta - eta) * t / W -- starts at eta (not at 0)
+        and rises every iteration, reaching k*eta at t = W.
+      * ``'constant'``: eta, then a jump to k*eta at t = W.
+      * ``'none'``:     k*eta from t = 0 (W is taken as 0).
+
+    decay, for t >= W:
+      * ``'step'``:   k*eta * decay_factor ** (number of boundaries <= t), a
+        boundary being step ``e * steps_per_epoch`` (rounded up) for e in
+        ``decay_epochs``; at the boundary step the new rate already applies.
+        (The multiplier also applies inside warmup if a boundary falls there.)
+      * ``'cosine'``: k*eta * (1 + cos(pi * (t - W) / (T - W))) / 2, reaching 0
+        at t = T and staying 0 after.
+      * ``'none'``:   k*eta.
+
+    If kn <= ``base_batch_size`` there is nothing to warm up (k*eta <= eta):
+    W is taken as 0, whatever ``warmup`` says, and the schedule starts at k*eta.
+
+    Raises:
+      ValueError: unknown ``warmup`` or ``decay`` name, or a non-positive
+        ``steps_per_epoch``.
+    """
+    _check_choice("warmup", warmup, WARMUPS)
+    _check_choice("decay", decay, DECAYS)
+    if int(steps_per_epoch) < 1:
+        raise ValueError(f"steps_per_epoch: must be >= 1, got {steps_per_epoch!r}")
+
+    eta = float(base_learning_rate)
+    peak = linear_scaling(eta, global_batch_size, base_batch_size)
+    warmup_steps = _epoch_to_step(warmup_epochs, steps_per_epoch)
+    if warmup == "none" or global_batch_size <= base_batch_size:
+        warmup_steps = 0
+    total_steps = _epoch_to_step(num_epochs, steps_per_epoch)
+    boundaries = sorted(_epoch_to_step(e, steps_per_epoch) for e in decay_epochs)
+    cosine_steps = max(total_steps - warmup_steps, 1)
+
+    def schedule(count):
+        t = jnp.asarray(count, jnp.float32)
+        if decay == "cosine":
+            # (1 + cos(pi p)) / 2 == sin(pi (1 - p) / 2)^2; the sine form keeps
+            # the last iterations' small rates accurate in float32.
+            remaining = jnp.clip((total_steps - t) / cosine_steps, 0.0, 1.0)
+            after = peak * jnp.sin(0.5 * jnp.pi * remaining) ** 2
+        else:
+            after = jnp.asarray(peak, jnp.float32)
+        if warmup == "gradual" and warmup_steps > 0:
+            during = eta + (peak - eta) * t / warmup_steps
+        else:
+            during = jnp.asarray(eta, jnp.float32)
+        lr = jnp.where(t < warmup_steps, during, after)
+        if decay == "step" and boundaries:
+            passed = sum((t >= b).astype(jnp.float32) for b in boundaries)
+            lr = lr * jnp.float32(decay_factor) ** passed
+        return lr.astype(jnp.float32)
+
+    return schedule
+
+
+# ---------------------------------------------------------------------------
+# Momentum SGD, eq. (10) with the Remark 2 correction
+# ---------------------------------------------------------------------------
+
+
+class MomentumSGDState(NamedTuple):
+    """State of ``momentum_sgd``.
+
+    Attributes:
+      velocity: v, the displacement of the last step (w <- w - v); same tree
+        as the params.
+      prev_learning_rate: the rate eta_t used by the last step (0 before the
+        first step).
+      count: number of steps taken; the schedule is evaluated at this count.
+    """
+
+    velocity: optax.Updates
+    prev_learning_rate: jax.Array
+    count: jax.Array
+
+
+def momentum_sgd(
+    learning_rate: ScalarOrSchedule,
+    momentum: float = 0.9,
+    *,
+    nesterov: bool = False,
+    momentum_correction: bool = True,
+) -> optax.GradientTransformation:
+    """Momentum SGD in Goyal et al.'s eq. (10) form (Caffe2's), with Remark 2.
+
+    Eq. (10) keeps the velocity as a displacement that already contains the rate:
+
+        v_{t+1} = m * v_t + eta_{t+1} * g_t
+        w_{t+1} = w_t - v_{t+1}
+
+    When eta changes, eq. (10) is no longer equivalent to the textbook eq. (9)
+    form (u_{t+1} = m u_t + g_t, w_{t+1} = w_t - eta_{t+1} u_{t+1}). Remark 2's
+    momentum correction restores the equivalence by rescaling the old velocity:
+
+        v_{t+1} = m * (eta_{t+1} / eta_t) * v_t + eta_{t+1} * g_t
+
+    so that v_t = eta_t * u_t at every step, and the trajectory equals
+    ``optax.sgd(learning_rate, momentum)`` (for rates that are never 0).
+    ``momentum_correction=False`` gives the plain eq. (10) update, which
+    differs right after a rate change by m * (1 - eta_{t+1}/eta_t) * v_t in v.
+
+    Nesterov (``nesterov=True``) uses the same eq. (10) velocity and steps by
+    w_{t+1} = w_t - (eta_{t+1} * g_t + m * v_{t+1}), the eq. (10) image of
+    eq. (9)'s w - eta (g + m u_{t+1}); with the correction it equals
+    ``optax.sgd(learning_rate, momentum, nesterov=True)``.
+
+    The rate ratio when eta_t = 0 (before the first step, or after a step whose
+    rate was 0) is defined as 1. This avoids 0/0 and loses nothing: with the
+    correction on, v_t = eta_t * u_t = 0 then, so v_{t+1} = eta_{t+1} * g_t
+    whatever the ratio. Note that at a zero-rate step the two forms genuinely
+    disagree: eq. (9) still accumulates g into u, eq. (10) carries no momentum
+    out of a step that did not move; this follows eq. (10).
+
+    Args:
+      learning_rate: a float, or an optax schedule evaluated at the step count
+        (0 for the first step), as ``optax.sgd`` does.
+      momentum: m.
+      nesterov: use the Nesterov step above.
+      momentum_correction: apply Remark 2's eta_{t+1}/eta_t rescaling.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose updates are -v (or the Nesterov
+      step), to be added to the params with ``optax.apply_updates``.
+    """
+    schedule = learning_rate if callable(learning_rate) else None
+
+    def init_fn(params):
+        velocity = jax.tree.map(jnp.zeros_like, params)
+        return MomentumSGDState(
+            velocity=velocity,
+            prev_learning_rate=jnp.zeros([], jnp.float32),
+            count=jnp.zeros([], jnp.int32),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        if schedule is None:
+            lr = jnp.asarray(learning_rate, jnp.float32)
+        else:
+            lr = jnp.asarray(schedule(state.count), jnp.float32)
+        if momentum_correction:
+            prev = state.prev_learning_rate
+            safe_prev = jnp.where(prev == 0.0, 1.0, prev)
+            ratio = jnp.where(prev == 0.0, 1.0, lr / safe_prev)
+        else:
+            ratio = jnp.ones([], jnp.float32)
+
+        def new_velocity(g, v):
+            return (momentum * ratio * v + lr * g).astype(v.dtype)
+
+        velocity = jax.tree.map(new_velocity, updates, state.velocity)
+        if nesterov:
+            steps = jax.tree.map(
+                lambda g, v: -(lr * g + momentum * v).astype(v.dtype), updates, velocity
+            )
+        else:
+            steps = jax.tree.map(jnp.negative, velocity)
+        new_state = MomentumSGDState(
+            velocity=velocity,
+            prev_learning_rate=lr,
+            count=optax.safe_int32_increment(state.count),
+        )
+        return steps, new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ---------------------------------------------------------------------------
+# Weight decay and the full optimizers
+# ---------------------------------------------------------------------------
+
+_DECAYED_NAMES = frozenset({"kernel", "embedding"})
+_UNDECAYED_NAMES = frozenset({"bias", "scale"})
+
+
+def _leaf_name(path) -> Optional[str]:
+    """Name of the innermost dict key / attribute in a pytree key path."""
+    for key in reversed(path):
+        if isinstance(key, jax.tree_util.DictKey):
+            return str(key.key)
+        if isinstance(key, jax.tree_util.GetAttrKey):
+            return key.name
+    return None
+
+
+def weight_decay_mask(params: optax.Params) -> Any:
+    """True for leaves that get weight decay, False for the rest.
+
+    Goyal et al. apply decay to weights but not to BN's learnable gamma and
+    beta (their experimental settings); biases are not decayed either. The rule, by the leaf's innermost dict key (Flax linen names):
+
+      * ``'kernel'``, ``'embedding'``  -> True  (conv / dense weights, embeddings)
+      * ``'bias'``, ``'scale'``        -> False (biases, BN/LayerNorm beta and gamma)
+      * any other name, or no name     -> ``ndim > 1`` (matrices and conv
+        filters decay, vectors and scalars do not)
+
+    Returns a pytree of Python bools with the structure of ``params``, usable
+    as an optax mask (or call it lazily: optax accepts the function itself).
+    """
+
+    def decide(path, leaf):
+        name = _leaf_name(path)
+        if name in _DECAYED_NAMES:
+            return True
+        if name in _UNDECAYED_NAMES:
+            return False
+        return jnp.ndim(leaf) > 1
+
+    return jax.tree_util.tree_map_with_path(decide, params)
+
+
+MaskOrFn = Union[Any, Callable[[optax.Params], Any], None]
+
+
+def goyal_sgd(
+    learning_rate: ScalarOrSchedule,
+    *,
+    momentum: float = 0.9,
+    nesterov: bool = True,
+    weight_decay: float = 1e-4,
+    mask: MaskOrFn = weight_decay_mask,
+    momentum_correction: bool = True,
+) -> optax.GradientTransformation:
+    """Goyal et al.'s optimizer: masked L2 weight decay, then ``momentum_sgd``.
+
+    The decay is added to the gradient as its own term (Remark 1: it is not
+    obtained by scaling the loss, which would also scale it by the loss
+    factor), only on the leaves where ``mask`` is True:
+
+        g'_t = g_t + lambda * w_t                         (masked)
+        v_{t+1} = m * (eta_{t+1}/eta_t) * v_t + eta_{t+1} * g'_t   (eq. 10, Remark 2)
+
+    then w <- w - v_{t+1} (or the Nesterov step, see ``momentum_sgd``). The
+    default ``nesterov=True`` follows the paper's experimental settings
+    (Nesterov momentum, m = 0.9, lambda = 1e-4); ``mask=None``
+    decays every leaf. ``update`` must be called with ``params``.
+    """
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay, mask=mask),
+        momentum_sgd(
+            learning_rate,
+            momentum,
+            nesterov=nesterov,
+            momentum_correction=momentum_correction,
+        ),
+    )
+
+
+def lars(
+    learning_rate: ScalarOrSchedule,
+    *,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+    trust_coefficient: float = 0.001,
+    eps: float = 0.0,
+    mask: MaskOrFn = weight_decay_mask,
+    momentum_correction: bool = True,
+    nesterov: bool = False,
+) -> optax.GradientTransformation:
+    """LARS (You, Gitman, Ginsburg 2017, Algorithm 1) on ``momentum_sgd``.
+
+    For each array w where ``mask`` is True, with global rate eta_t:
+
+        d       = g + lambda * w
+        ratio   = trust_coefficient * ||w|| / (||d|| + eps)
+                  (1 if ||w|| = 0 or ||d|| = 0, as optax.scale_by_trust_ratio)
+        v_{t+1} = m * (eta_{t+1}/eta_t) * v_t + eta_{t+1} * ratio * d
+        w      <- w - v_{t+1}
+
+    Arrays where ``mask`` is False (BN gamma/beta, biases) get neither decay
+    nor trust-ratio scaling: plain momentum SGD at the global rate eta_t.
+
+    Variant: this is optax's ``lars`` composition (add_decayed_weights ->
+    masked scale_by_trust_ratio -> momentum), except that the momentum is the
+    eq. (10) velocity of ``momentum_sgd`` with Remark 2's correction, which is
+    exactly Algorithm 1's v <- m v + gamma_t * lambda^l * (g + beta w).
+    The trust-ratio denominator is ||g + lambda w|| (optax), not the paper's
+    ||g|| + lambda ||w||; the two differ only in how the decay is folded in.
+    ``nesterov=True`` uses the Nesterov step of ``momentum_sgd``.
+    """
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay, mask=mask),
+        optax.masked(
+            optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient, eps=eps),
+            mask if mask is not None else (lambda p: jax.tree.map(lambda _: True, p)),
+        ),
+        momentum_sgd(
+            learning_rate,
+            momentum,
+            nesterov=nesterov,
+            momentum_correction=momentum_correction,
+        ),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Config entry point
+# ---------------------------------------------------------------------------
+
+
+def from_config(
+    config: Any, steps_per_epoch: int
+) -> Tuple[optax.GradientTransformation, optax.Schedule]:
+    """Builds ``(transform, schedule)`` from a config with attribute access.
+
+    Required attributes: ``num_workers`` (k), ``per_worker_batch_size`` (n),
+    ``base_learning_rate`` (eta per ``base_batch_size`` examples), ``warmup``,
+    ``warmup_epochs``, ``num_epochs``, ``optimizer`` (``'goyal_sgd'``,
+    ``'lars'`` or ``'sgd'``; ``'sgd'`` is ``momentum_sgd`` without weight
+    decay). Optional, with defaults: ``base_batch_size``=256,
+    ``decay``='step', ``decay_epochs``=(30, 60, 80), ``decay_factor``=0.1,
+    ``momentum``=0.9, ``nesterov``=True, ``weight_decay``=1e-4,
+    ``momentum_correction``=True, ``trust_coefficient``=0.001.
+
+    The global minibatch is always k * n (never read from the config); the
+    schedule is ``goyal_schedule`` of it and is also what the transform uses.
+
+    Raises:
+      ValueError: unknown ``config.optimizer``, ``config.warmup`` or
+        ``config.decay``; the message names the field.
+      AttributeError: a required attribute is missing.
+    """
+    optimizer = config.optimizer
+    _check_choice("config.optimizer", optimizer, OPTIMIZERS)
+    decay = getattr(config, "decay", "step")
+    _check_choice("config.warmup", config.warmup, WARMUPS)
+    _check_choice("config.decay", decay, DECAYS)
+    global_batch_size = int(config.num_workers) * int(config.per_worker_batch_size)
+    schedule = goyal_schedule(
+        config.base_learning_rate,
+        global_batch_size,
+        steps_per_epoch,
+        base_batch_size=getattr(config, "base_batch_size", 256),
+        warmup=config.warmup,
+        warmup_epochs=config.warmup_epochs,
+        decay=decay,
+        decay_epochs=tuple(getattr(config, "decay_epochs", (30, 60, 80))),
+        decay_factor=getattr(config, "decay_factor", 0.1),
+        num_epochs=config.num_epochs,
+    )
+
+    momentum = getattr(config, "momentum", 0.9)
+    nesterov = bool(getattr(config, "nesterov", True))
+    correction = bool(getattr(config, "momentum_correction", True))
+    weight_decay = getattr(config, "weight_decay", 1e-4)
+    if optimizer == "goyal_sgd":
+        tx = goyal_sgd(
+            schedule,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            momentum_correction=correction,
+        )
+    elif optimizer == "lars":
+        tx = lars(
+            schedule,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            trust_coefficient=getattr(config, "trust_coefficient", 0.001),
+            momentum_correction=correction,
+            nesterov=nesterov,
+        )
+    else:
+        tx = momentum_sgd(
+            schedule, momentum, nesterov=nesterov, momentum_correction=correction
+        )
+    return tx, schedule

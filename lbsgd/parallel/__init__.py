@@ -1,0 +1,1 @@
+"""Workers, meshes and cross-worker communication (knows pytrees, never a model or dataset)."""
