@@ -67,7 +67,7 @@ def create_train_state(model, tx, layout: layout_lib.WorkerLayout, image_shape, 
   def init():
     variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *image_shape), jnp.float32), train=False)
     params = variables["params"]
-    stats = jax.tree.map(lambda x: jnp.broadcast_to(x, (k, *x.shape)), variables["batch_stats"])
+    stats = jax.tree.map(lambda x: jnp.broadcast_to(x, (k, *x.shape)), variables.get("batch_stats", {}))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats, opt_state=tx.init(params))
 
   abstract = jax.eval_shape(init)
@@ -101,7 +101,7 @@ def make_train_step(model, tx, schedule, layout: layout_lib.WorkerLayout, *, per
     logits, new_vars = model.apply({"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
     ce = cross_entropy(logits, y, label_smoothing)
     correct = jnp.sum(jnp.argmax(logits, -1) == y)
-    return jnp.sum(ce) / (k * n), (new_vars["batch_stats"], jnp.sum(ce), correct)
+    return jnp.sum(ce) / (k * n), (new_vars.get("batch_stats", {}), jnp.sum(ce), correct)
 
   def group_loss(params, stats, x, y):
     losses, aux = jax.vmap(worker_loss, in_axes=(None, 0, 0, 0))(params, stats, x, y)

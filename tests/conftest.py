@@ -1,0 +1,54 @@
+"""Shared pytest setup.
+
+XLA reads XLA_FLAGS once, when JAX initialises its backends, so the flag
+asking for 8 simulated CPU devices must be set here, at conftest import time,
+before any test module imports jax; the multi-worker tests (shard_map over
+meshes of 1..8 devices) need them. setdefault keeps a caller's own flags.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """A TFDS data dir with the digits builder prepared once for the whole session."""
+  path = str(tmp_path_factory.mktemp("tfds"))
+  from lbsgd.data import digits
+
+  digits.builder(path)
+  return path
+
+
+def tiny_config(data_dir, **overrides):
+  """The digits config shrunk to a few fast steps (resnet8, width 8)."""
+  sys.path.insert(0, REPO)
+  from experiments import digits as digits_cfg
+
+  c = digits_cfg.get_config()
+  c.data_dir = data_dir
+  c.model, c.model_width = "resnet8", 8
+  c.per_worker_batch_size = 4
+  c.num_epochs = 1
+  c.log_every_steps = 2
+  c.eval_every_epochs = 0
+  c.checkpoint_every_steps = 2
+  for k, v in overrides.items():
+    setattr(c, k, v)
+  return c
+
+
+def run_main(*args, env=None, timeout=300):
+  """Run ``python -m lbsgd.main`` in a subprocess; returns CompletedProcess (text)."""
+  full_env = dict(os.environ, **(env or {}))
+  return subprocess.run([sys.executable, "-m", "lbsgd.main", *args], cwd=REPO, env=full_env,
+                        capture_output=True, text=True, timeout=timeout)
