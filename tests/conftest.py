@@ -10,6 +10,7 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # as lbsgd.main sets it: same preprocessing bits
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402

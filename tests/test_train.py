@@ -46,8 +46,8 @@ def batch(seed=0, k=K, n=N):
   return images, labels
 
 
-def run_steps(model, tx, d, images_list, labels_list, accumulation_steps=1, seed=0, aggregation="psum"):
-  lay = layout_lib.make_layout(K, d)
+def run_steps(model, tx, d, images_list, labels_list, accumulation_steps=1, seed=0, aggregation="psum", k=K):
+  lay = layout_lib.make_layout(k, d)
   state = train.create_train_state(model, tx, lay, (8, 8, 1), seed)
   step = train.make_train_step(model, tx, optax.constant_schedule(0.1), lay, per_worker_batch_size=N,
                                accumulation_steps=accumulation_steps, aggregation=aggregation)
@@ -146,3 +146,18 @@ def test_metrics_are_exact_over_kn_examples():
   want = float(jnp.mean(optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": params}, images),
                                                                          labels)))
   assert abs(losses[0] - want) < 1e-6 * max(1.0, abs(want))
+
+
+@pytest.mark.parametrize("k,d", [(8, 8), (6, 6), (6, 3)])
+def test_ring_and_halving_doubling_train_like_psum(k, d):
+  """§4 aggregators are interchangeable: 20 training steps give the psum run's losses within 1e-5."""
+  model = TinyBNNet()
+  tx = optax.sgd(0.1, momentum=0.9)
+  data = [batch(s, k=k) for s in range(20)]
+  imgs, lbls = [b[0] for b in data], [b[1] for b in data]
+  ref, ref_losses = run_steps(model, tx, d, imgs, lbls, k=k)
+  for method in ("ring", "halving_doubling"):
+    got, losses = run_steps(model, tx, d, imgs, lbls, aggregation=method, k=k)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
+    diff = np.abs(jax.flatten_util.ravel_pytree(got.params)[0] - jax.flatten_util.ravel_pytree(ref.params)[0]).max()
+    assert diff <= 1e-5, (method, diff)

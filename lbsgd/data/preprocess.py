@@ -6,12 +6,16 @@ same way whatever device or process reads it.
 Augmentations (``config.augment``):
   'none'      decode, scale to [0, 1], normalise per channel.
   'shift'     random translation by up to 1 pixel (zero pad + random crop), for 8x8 digits.
-  'inception' ImageNet training: random-size crop covering 8-100 % of the area with aspect ratio
-              3/4-4/3, decoded straight from the JPEG crop window (the full image is never decoded),
-              resized to image_size x image_size, random horizontal flip (Goyal §5.1, following
-              Szegedy et al. 2015 as in fb.resnet.torch).
-Evaluation: 'center_crop' resizes the shorter side to image_size·256/224 and takes the central
-image_size x image_size crop; 'none' only decodes and normalises.
+  'inception' ImageNet training (Goyal §5.1: "scale and aspect ratio data augmentation [Szegedy et
+              al. 2015] as in [fb.resnet.torch]"): a random crop whose area is uniform in 8-100 % of
+              the image and whose aspect ratio is uniform in 3/4-4/3 (width and height swapped with
+              probability 1/2), 10 tries, else the central square; decoded straight from the JPEG
+              crop window (the full image is never decoded); resized to image_size x image_size;
+              flipped horizontally with probability 1/2.
+Evaluation: 'center_crop' resizes the shorter side to image_size·256/224 (256 for 224) and takes the
+central image_size x image_size crop; 'none' only decodes and normalises.
+
+Normalisation: ``(pixel / 255 - mean) / std`` per channel.
 """
 
 from __future__ import annotations
@@ -21,9 +25,13 @@ from typing import Callable, Sequence
 import tensorflow as tf
 
 AUGMENTATIONS = ("none", "shift", "inception")
-CROP_AREA = (0.08, 1.0)
-CROP_ASPECT = (3.0 / 4.0, 4.0 / 3.0)
+CROP_AREA = (0.08, 1.0)  # fraction of the image area
+CROP_ASPECT = (3.0 / 4.0, 4.0 / 3.0)  # width / height, before the random swap
+CROP_ATTEMPTS = 10
 EVAL_RESIZE_RATIO = 256.0 / 224.0
+# Bilinear without antialiasing, as the TF reference ImageNet pipelines; fb.resnet.torch used bicubic.
+# The interpolation kernel is not part of the paper's recipe; bilinear is the cheaper one on a host CPU.
+TRAIN_RESIZE_METHOD = "bilinear"
 
 
 def _decode(encoded: tf.Tensor, channels: int) -> tf.Tensor:
@@ -37,45 +45,73 @@ def _normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) ->
   return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 
-def random_crop_window(image_shape: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-  """A random-size crop window ``[y, x, h, w]`` (area 8–100 %, aspect 3/4–4/3), stateless.
+def random_crop_window(image_hw: tf.Tensor, seed: tf.Tensor, area_range=CROP_AREA, aspect_range=CROP_ASPECT,
+                       attempts: int = CROP_ATTEMPTS) -> tf.Tensor:
+  """The random-size crop window ``[y, x, h, w]`` (int32) of Goyal §5.1 / fb.resnet.torch, stateless.
 
-  Falls back to the central crop of the whole image when no window is found in 10 tries.
+  Each of ``attempts`` candidates draws an area A·U(area_range) (A = image area), an aspect ratio
+  r ~ U(aspect_range), w = round(sqrt(area·r)), h = round(sqrt(area/r)), swaps w and h with
+  probability 1/2, and a uniformly placed top-left corner. The first candidate that fits inside the
+  image is taken; if none fits, the central square of side min(height, width) (what fb.resnet.torch's
+  fallback, scale + center crop, sees).
   """
-  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      image_shape, bounding_boxes=tf.zeros([1, 0, 4]), seed=seed, min_object_covered=0.0,
-      aspect_ratio_range=CROP_ASPECT, area_range=CROP_AREA, max_attempts=10,
-      use_image_if_no_bounding_boxes=True)
-  return tf.stack([begin[0], begin[1], size[0], size[1]])
+  hw = tf.cast(image_hw[:2], tf.float32)
+  img_h, img_w = hw[0], hw[1]
+  u = tf.random.stateless_uniform([5, attempts], seed=seed, dtype=tf.float32)
+  area = (area_range[0] + (area_range[1] - area_range[0]) * u[0]) * img_h * img_w
+  aspect = aspect_range[0] + (aspect_range[1] - aspect_range[0]) * u[1]
+  w = tf.maximum(tf.round(tf.sqrt(area * aspect)), 1.0)
+  h = tf.maximum(tf.round(tf.sqrt(area / aspect)), 1.0)
+  swap = u[2] < 0.5
+  w, h = tf.where(swap, h, w), tf.where(swap, w, h)
+  fits = (h <= img_h) & (w <= img_w)
+  y = tf.minimum(tf.floor(u[3] * (img_h - h + 1.0)), tf.maximum(img_h - h, 0.0))
+  x = tf.minimum(tf.floor(u[4] * (img_w - w + 1.0)), tf.maximum(img_w - w, 0.0))
+  first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)  # index of the first fit (0 if none)
+  side = tf.minimum(img_h, img_w)
+  fallback = tf.stack([tf.floor((img_h - side) / 2), tf.floor((img_w - side) / 2), side, side])
+  window = tf.where(tf.reduce_any(fits), tf.stack([y[first], x[first], h[first], w[first]]), fallback)
+  return tf.cast(window, tf.int32)
+
+
+def inception_params(image_hw: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """``(crop window [y, x, h, w], flip: bool)`` of one training example, a function of ``seed`` only."""
+  seeds = tf.random.experimental.stateless_split(seed, 2)
+  window = random_crop_window(image_hw, seeds[0])
+  flip = tf.random.stateless_uniform([], seed=seeds[1], dtype=tf.float32) < 0.5
+  return window, flip
 
 
 def inception_crop(encoded: tf.Tensor, seed: tf.Tensor, image_size: int, channels: int) -> tf.Tensor:
-  """Random-size crop + resize + random flip; JPEGs are decoded only inside the crop window."""
-  seeds = tf.random.experimental.stateless_split(seed, 2)
-  is_jpeg = tf.io.is_jpeg(encoded)
-  shape = tf.cond(is_jpeg, lambda: tf.image.extract_jpeg_shape(encoded),
-                  lambda: tf.shape(_decode(encoded, channels), out_type=tf.int32))
-  window = random_crop_window(shape, seeds[0])
+  """Random-size crop + resize + random flip (Goyal §5.1); a JPEG is decoded only inside the crop window.
 
+  Returns float32 ``[image_size, image_size, channels]`` on the 0..255 scale.
+  """
   def jpeg():
-    return tf.image.decode_and_crop_jpeg(encoded, window, channels=channels)
+    hw = tf.image.extract_jpeg_shape(encoded)[:2]
+    window, flip = inception_params(hw, seed)
+    return tf.image.decode_and_crop_jpeg(encoded, window, channels=channels), flip
 
-  def other():
+  def other():  # PNG, GIF, BMP: these formats cannot be decoded partially
     full = _decode(encoded, channels)
-    return tf.image.crop_to_bounding_box(full, window[0], window[1], window[2], window[3])
+    window, flip = inception_params(tf.shape(full)[:2], seed)
+    return tf.slice(full, tf.stack([window[0], window[1], 0]), tf.stack([window[2], window[3], channels])), flip
 
-  crop = tf.cond(is_jpeg, jpeg, other)
+  crop, flip = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
   crop.set_shape([None, None, channels])
-  image = tf.image.resize(crop, [image_size, image_size], method="bilinear", antialias=False)
-  return tf.image.stateless_random_flip_left_right(image, seeds[1])
+  image = tf.image.resize(crop, [image_size, image_size], method=TRAIN_RESIZE_METHOD, antialias=False)
+  return tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
 
 
 def center_crop(encoded: tf.Tensor, image_size: int, channels: int) -> tf.Tensor:
-  """Resize the shorter side to image_size·256/224, then take the central square crop."""
+  """Evaluation view (Goyal §5.1, single 224x224 crop): shorter side to image_size·256/224, central crop.
+
+  Deterministic. Returns float32 ``[image_size, image_size, channels]`` on the 0..255 scale.
+  """
   image = _decode(encoded, channels)
   shape = tf.cast(tf.shape(image)[:2], tf.float32)
   scale = (image_size * EVAL_RESIZE_RATIO) / tf.reduce_min(shape)
-  new = tf.cast(tf.round(shape * scale), tf.int32)
+  new = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), image_size)
   image = tf.image.resize(image, new, method="bilinear", antialias=True)
   top = (new[0] - image_size) // 2
   left = (new[1] - image_size) // 2
@@ -83,7 +119,7 @@ def center_crop(encoded: tf.Tensor, image_size: int, channels: int) -> tf.Tensor
 
 
 def train_fn(augment: str, image_size: int, channels: int, mean, std) -> Callable:
-  """``fn(encoded, seed[2]) -> float32 [image_size, image_size, channels]`` for training."""
+  """``fn(encoded, seed[2]) -> float32 [image_size, image_size, channels]`` for training (normalised)."""
   if augment not in AUGMENTATIONS:
     raise ValueError(f"unknown config.augment {augment!r}: use one of {', '.join(AUGMENTATIONS)}")
 
@@ -102,7 +138,7 @@ def train_fn(augment: str, image_size: int, channels: int, mean, std) -> Callabl
 
 
 def eval_fn(augment: str, image_size: int, channels: int, mean, std) -> Callable:
-  """``fn(encoded) -> float32 [image_size, image_size, channels]`` for evaluation.
+  """``fn(encoded) -> float32 [image_size, image_size, channels]`` for evaluation (normalised).
 
   Datasets trained with 'inception' crops are evaluated on the center crop; others as they are.
   """
