@@ -27,6 +27,7 @@ flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-proc
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 flags.DEFINE_enum("distributed", "off", ["off", "auto"], "'auto': jax.distributed.initialize() detects the cluster.")
 flags.DEFINE_integer("heartbeat_timeout_s", 60, "Multi-process: seconds without a peer's heartbeat before exiting.")
+flags.DEFINE_integer("init_timeout_s", 120, "Multi-process: seconds to wait for every process to join.")
 
 EXIT_USAGE = 2
 
@@ -86,6 +87,7 @@ def init_distributed() -> None:
     if not (FLAGS.coordinator_address and FLAGS.num_processes and FLAGS.process_id is not None):
       fail("multi-process runs need all of --coordinator_address, --num_processes and --process_id")
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                               initialization_timeout=FLAGS.init_timeout_s,
                                heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_s)
   elif FLAGS.distributed == "auto":
     jax.distributed.initialize()
@@ -143,9 +145,55 @@ def main(argv) -> None:
     fail(str(e))
 
 
+def _latest_checkpoint(workdir: str | None) -> str:
+  ckpts = os.path.join(workdir or "", "checkpoints")
+  steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()) if os.path.isdir(ckpts) else []
+  return f"step {steps[-1]} in {ckpts}" if steps else "none yet"
+
+
+def _die_with_parent() -> None:
+  """Linux: the trainer gets SIGKILL if its supervisor dies (no orphaned trainers holding ports)."""
+  try:
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+  except (OSError, AttributeError):
+    pass
+
+
+def supervise(argv: list[str]) -> int:
+  """Run this command as a child process and explain its death in one line.
+
+  In a multi-process run a dead peer makes the collectives' C++ runtime abort the survivors
+  (or JAX's heartbeat terminates them after --heartbeat_timeout_s); neither can be caught in
+  Python. The parent, which imports nothing heavy, reports it and keeps the exit status non-zero.
+  """
+  import signal
+  import subprocess
+
+  env = dict(os.environ, LBSGD_SUPERVISED="1")
+  child = subprocess.Popen([sys.executable, "-m", "lbsgd.main", *argv[1:]], env=env, preexec_fn=_die_with_parent)
+  for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(sig, lambda signum, _frame: child.send_signal(signum))
+  code = child.wait()
+  if code not in (0, EXIT_USAGE):
+    pid = _flag_value(argv, "process_id")
+    how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+    if code < 0 and -code == signal.SIGABRT:
+      how += " (collective runtime abort: a peer process died or disconnected)"
+    print(f"lbsgd: error: process {pid} {how}; last checkpoint: {_latest_checkpoint(_flag_value(argv, 'workdir'))}; "
+          f"rerun the same command on every host to resume", file=sys.stderr, flush=True)
+    return 1 if code < 0 else code
+  return code
+
+
 def run() -> None:
   """Console-script entry (``lbsgd``)."""
   quiet_native_logs()
+  multi = any(a.startswith(("--coordinator_address", "--num_processes", "--distributed=auto")) for a in sys.argv)
+  if multi and not os.environ.get("LBSGD_SUPERVISED"):
+    sys.exit(supervise(sys.argv))
   app.run(main, flags_parser=parse_flags)
 
 

@@ -242,7 +242,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   model = build_model(config, dataset.num_classes)
   image_shape = (config.image_size, config.image_size, dataset.channels)
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief, asynchronous=False)
+  # Only process 0 writes metrics (events and log lines); the others stay quiet.
+  writer = (metric_writers.create_default_writer(workdir, asynchronous=False) if is_chief
+            else metric_writers.MultiWriter([]))
   state = create_train_state(model, tx, layout, image_shape, config.seed)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   log.info("model %s: %s parameters; k=%d workers x n=%d = %d per step on %d devices (%d processes), "
@@ -348,3 +350,23 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     os.replace(path + ".tmp", path)
     log.info("results: %s", json.dumps(results))
   return results
+
+
+def load_checkpoint(workdir: str, step: int | None = None) -> dict[str, Any]:
+  """Read a checkpoint of ``workdir`` as a pytree of numpy arrays on the host (any topology).
+
+  ``step=None`` reads the latest. Returns ``{'step', 'params', 'batch_stats', 'opt_state'}``; each
+  ``batch_stats`` leaf has the leading worker axis of size k.
+  """
+  import orbax.checkpoint as ocp
+
+  ckpts = os.path.join(os.path.abspath(workdir), "checkpoints")
+  steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()) if os.path.isdir(ckpts) else []
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint in {ckpts}")
+  path = os.path.join(ckpts, str(steps[-1] if step is None else step), "default")
+  checkpointer = ocp.PyTreeCheckpointer()
+  meta = checkpointer.metadata(path)
+  tree = getattr(getattr(meta, "item_metadata", meta), "tree", getattr(meta, "item_metadata", meta))
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
