@@ -23,7 +23,8 @@ def get_config():
   c.num_workers = 8
   c.per_worker_batch_size = 16
   c.num_devices = 0  # 0 = all local devices of every process; must divide num_workers
-  c.accumulation_steps = 1  # >1: run the workers of a device in this many sequential microsteps
+  c.accumulation_steps = 1  # >1: a device runs its k/d workers in this many sequential microsteps
+  c.max_device_batch = 0  # with accumulation_steps=0: fewest microsteps with <= this many examples each
   c.strategy = "allreduce"
   c.aggregation = "psum"  # 'psum' | 'ring' | 'halving_doubling'
   c.bucket_mb = 25.0

@@ -195,6 +195,25 @@ def evaluate(eval_step, state, dataset, layout, config) -> dict[str, float]:
           "eval_top5_accuracy": totals[2] / count, "eval_examples": count}
 
 
+def resolve_accumulation(workers_per_device: int, per_worker_batch_size: int, accumulation_steps: int,
+                         max_device_batch: int = 0) -> int:
+  """Microsteps per step for m workers of n examples on one device.
+
+  ``accumulation_steps > 0`` is taken as given. ``0`` means automatic: the fewest microsteps a
+  (a divisor of m, so every microstep holds whole workers) with (m/a)·n ≤ ``max_device_batch``
+  examples; 1 when ``max_device_batch`` is 0 (no limit). A worker's n examples always stay in one
+  microstep, so its BN statistics never change; gradients are summed over microsteps.
+  """
+  if accumulation_steps > 0:
+    return accumulation_steps
+  if max_device_batch <= 0:
+    return 1
+  for a in range(1, workers_per_device + 1):
+    if workers_per_device % a == 0 and (workers_per_device // a) * per_worker_batch_size <= max_device_batch:
+      return a
+  return workers_per_device  # one worker per microstep: the least memory possible
+
+
 def _dtype(name: str):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
 
@@ -260,9 +279,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     log.info("resumed from checkpoint at step %d", int(state.step))
   start_step = int(state.step)
 
+  accumulation = resolve_accumulation(layout.workers_per_device, n, config.accumulation_steps,
+                                      config.get("max_device_batch", 0))
+  if accumulation > 1:
+    log.info("%d workers per device run in %d accumulation microsteps of %d workers (%d examples)",
+             layout.workers_per_device, accumulation, layout.workers_per_device // accumulation,
+             layout.workers_per_device // accumulation * n)
   train_step = make_train_step(model, tx, schedule, layout, per_worker_batch_size=n,
                                aggregation=config.aggregation, bucket_mb=config.bucket_mb,
-                               accumulation_steps=config.accumulation_steps,
+                               accumulation_steps=accumulation,
                                label_smoothing=config.label_smoothing)
   eval_step = make_eval_step(model, layout)
   batches = pipeline.train_iterator(dataset, num_workers=k, per_worker_batch_size=n, seed=config.seed,
@@ -336,7 +361,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       "devices": layout.num_devices,
       "processes": layout.num_processes,
       "workers_per_device": layout.workers_per_device,
-      "accumulation_steps": config.accumulation_steps,
+      "accumulation_steps": accumulation,
       "aggregation": config.aggregation,
       "num_params": num_params,
       "wall_time_s": time.time() - t_start,

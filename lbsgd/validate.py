@@ -36,8 +36,12 @@ def check_config(config) -> None:
   from lbsgd.models import resnet
 
   for field in ("num_workers", "per_worker_batch_size", "num_epochs", "image_size", "eval_batch_size",
-                "log_every_steps", "checkpoint_every_steps", "accumulation_steps"):
+                "log_every_steps", "checkpoint_every_steps"):
     _positive(config, field)
+  for field in ("accumulation_steps", "max_device_batch"):
+    value = config.get(field, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+      raise ConfigError(f"config.{field}={value!r} must be 0 (automatic) or a positive integer")
   _positive(config, "base_learning_rate", (int, float))
   _positive(config, "bucket_mb", (int, float))
   if not isinstance(config.get("num_devices"), int) or config.num_devices < 0:
@@ -71,7 +75,7 @@ def check_layout(config, num_devices_available: int, num_processes: int = 1) -> 
     raise ConfigError(f"config.num_workers={k} must be a multiple of the {d} devices in use; set "
                       f"--config.num_workers to a multiple of {d} or --config.num_devices to a divisor of {k}")
   m = k // d
-  if m % config.accumulation_steps:
+  if config.accumulation_steps and m % config.accumulation_steps:
     raise ConfigError(f"config.accumulation_steps={config.accumulation_steps} must divide the {m} workers per "
                       f"device (k={k} / d={d})")
 

@@ -161,3 +161,16 @@ def test_ring_and_halving_doubling_train_like_psum(k, d):
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
     diff = np.abs(jax.flatten_util.ravel_pytree(got.params)[0] - jax.flatten_util.ravel_pytree(ref.params)[0]).max()
     assert diff <= 1e-5, (method, diff)
+
+
+@pytest.mark.parametrize("m,n,acc,limit,want", [
+    (8, 4, 2, 0, 2),     # given explicitly
+    (8, 4, 0, 0, 1),     # automatic, no limit
+    (8, 4, 0, 32, 1),    # 8 workers x 4 fit
+    (8, 4, 0, 16, 2),    # 4 workers x 4 per microstep
+    (8, 4, 0, 5, 8),     # one worker per microstep
+    (6, 4, 0, 9, 3),     # 2 workers of 4 per microstep; 4 does not divide 6
+    (8, 4, 0, 3, 8),     # even one worker is too big: the least memory possible
+])
+def test_resolve_accumulation(m, n, acc, limit, want):
+  assert train.resolve_accumulation(m, n, acc, limit) == want
