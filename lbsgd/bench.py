@@ -224,7 +224,10 @@ def format_table(results: Sequence[dict]) -> str:
 
 SUBCOMMANDS.update({
     "allreduce": allreduce_main,
-    # Others add lazy entries here, e.g. "input": "lbsgd.data.bench:main".
+    "input": "lbsgd.bench_imagenet:input_main",
+    "step": "lbsgd.bench_imagenet:step_main",
+    "workers": "lbsgd.bench_workers:main",
+    # Others add lazy entries here, e.g. "name": "module:function".
 })
 
 

@@ -596,11 +596,13 @@ def test_module_imports_only_jax_and_optax():
 
 
 def test_readme_snippet_runs(capsys):
-    text = (REPO / "docs_snippets" / "optim_readme.md").read_text()
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("## Use the optimizer in your own project")
+    text = readme[start:readme.index("\n## ", start + 1)]
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     assert len(blocks) == 1
     namespace = {"__name__": "__readme__"}
-    exec(compile(blocks[0], "optim_readme.md", "exec"), namespace)
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4
     # gradual warmup starts at eta = 0.1 (not 0), and the toy problem is learned
