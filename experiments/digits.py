@@ -12,46 +12,46 @@ import ml_collections
 
 
 def get_config():
-  """Returns the digits config (names as in GUIDE.md §3)."""
-  c = ml_collections.ConfigDict()
-  # Data.
-  c.dataset = "digits"
-  c.data_dir = ""  # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
-  c.augment = "shift"  # 'none' | 'shift' (digits) | 'inception' (ImageNet-style crop + flip)
-  c.image_size = 8
-  # Workers (Goyal's k and n); the global minibatch k*n is derived, never set.
-  c.num_workers = 8
-  c.per_worker_batch_size = 16
-  c.num_devices = 0  # 0 = all local devices of every process; must divide num_workers
-  c.accumulation_steps = 1  # >1: a device runs its k/d workers in this many sequential microsteps
-  c.max_device_batch = 0  # with accumulation_steps=0: fewest microsteps with <= this many examples each
-  c.strategy = "allreduce"
-  c.aggregation = "psum"  # 'psum' | 'ring' | 'halving_doubling'
-  c.bucket_mb = 25.0
-  # Model.
-  c.model = "resnet20"
-  c.model_width = 16
-  c.dtype = "float32"
-  c.label_smoothing = 0.0
-  # Optimizer (lbsgd.optim.from_config).
-  c.optimizer = "goyal_sgd"
-  c.base_learning_rate = 0.4  # per base_batch_size examples
-  c.base_batch_size = 256
-  c.warmup = "gradual"
-  c.warmup_epochs = 2
-  c.decay = "cosine"
-  c.decay_epochs = ()
-  c.decay_factor = 0.1
-  c.momentum = 0.9
-  c.nesterov = True
-  c.weight_decay = 5e-4
-  c.momentum_correction = True
-  c.num_epochs = 40
-  # Bookkeeping.
-  c.seed = 0
-  c.eval_batch_size = 128  # examples per eval step over all devices
-  c.log_every_steps = 20
-  c.eval_every_epochs = 10
-  c.checkpoint_every_steps = 200
-  c.max_steps = -1  # >0: stop early after this many steps (smoke tests)
-  return c
+    """Returns the digits config (names as in GUIDE.md §3)."""
+    c = ml_collections.ConfigDict()
+    # Data.
+    c.dataset = "digits"
+    c.data_dir = ""  # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    c.augment = "shift"  # 'none' | 'shift' (digits) | 'inception' (ImageNet-style crop + flip)
+    c.image_size = 8
+    # Workers (Goyal's k and n); the global minibatch k*n is derived, never set.
+    c.num_workers = 8
+    c.per_worker_batch_size = 16
+    c.num_devices = 0  # 0 = all local devices of every process; must divide num_workers
+    c.accumulation_steps = 1  # >1: a device runs its k/d workers in this many sequential microsteps
+    c.max_device_batch = 0  # with accumulation_steps=0: fewest microsteps with <= this many examples each
+    c.strategy = "allreduce"
+    c.aggregation = "psum"  # 'psum' | 'ring' | 'halving_doubling'
+    c.bucket_mb = 25.0
+    # Model.
+    c.model = "resnet20"
+    c.model_width = 16
+    c.dtype = "float32"
+    c.label_smoothing = 0.0
+    # Optimizer (lbsgd.optim.from_config).
+    c.optimizer = "goyal_sgd"
+    c.base_learning_rate = 0.4  # per base_batch_size examples
+    c.base_batch_size = 256
+    c.warmup = "gradual"
+    c.warmup_epochs = 2
+    c.decay = "cosine"
+    c.decay_epochs = ()
+    c.decay_factor = 0.1
+    c.momentum = 0.9
+    c.nesterov = True
+    c.weight_decay = 5e-4
+    c.momentum_correction = True
+    c.num_epochs = 40
+    # Bookkeeping.
+    c.seed = 0
+    c.eval_batch_size = 128  # examples per eval step over all devices
+    c.log_every_steps = 20
+    c.eval_every_epochs = 10
+    c.checkpoint_every_steps = 200
+    c.max_steps = -1  # >0: stop early after this many steps (smoke tests)
+    return c

@@ -34,49 +34,49 @@ import ml_collections
 
 
 def get_config():
-  """Returns the kn=256 ImageNet config (Goyal et al. baseline; names as in GUIDE.md §3)."""
-  c = ml_collections.ConfigDict()
-  # Data.
-  c.dataset = "imagenet2012"  # or 'folder:<path>' for your own train/<class>/*.jpg, val/<class>/*.jpg
-  c.data_dir = ""  # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
-  c.augment = "inception"  # random-size crop + flip; center crop for evaluation
-  c.image_size = 224
-  # Workers (Goyal's k and n); the global minibatch k*n is derived, never set.
-  c.num_workers = 8
-  c.per_worker_batch_size = 32
-  c.num_devices = 0  # 0 = all devices of every process; must divide num_workers
-  # A device runs its k/d workers in the fewest sequential microsteps of <= 256 images each (0 = automatic):
-  # one microstep on the paper's hardware, more when a sweep puts many workers on few devices. The
-  # numbers do not change (each worker's 32 images stay together). Lower it on small-memory devices.
-  c.accumulation_steps = 0
-  c.max_device_batch = 256
-  c.strategy = "allreduce"
-  c.aggregation = "psum"  # 'psum' | 'ring' | 'halving_doubling'
-  c.bucket_mb = 25.0
-  # Model: ResNet-50 v1.5, zero-γ, BN momentum 0.9 (built into lbsgd.models.resnet).
-  c.model = "resnet50"
-  c.model_width = 64
-  c.dtype = "bfloat16"  # compute dtype; params, optimizer state and BN statistics stay float32
-  c.label_smoothing = 0.0
-  # Optimizer (lbsgd.optim.from_config).
-  c.optimizer = "goyal_sgd"
-  c.base_learning_rate = 0.1  # η per base_batch_size images (§2.1)
-  c.base_batch_size = 256
-  c.warmup = "gradual"  # §2.2; nothing to warm up when kn <= 256
-  c.warmup_epochs = 5
-  c.decay = "step"
-  c.decay_epochs = (30, 60, 80)
-  c.decay_factor = 0.1
-  c.momentum = 0.9
-  c.nesterov = True
-  c.weight_decay = 1e-4  # not on BN γ/β or biases
-  c.momentum_correction = True  # Remark 2
-  c.num_epochs = 90
-  # Bookkeeping.
-  c.seed = 0
-  c.eval_batch_size = 1024  # images per eval step over all devices; every val image is seen once
-  c.log_every_steps = 500
-  c.eval_every_epochs = 1
-  c.checkpoint_every_steps = 5000  # about one epoch at kn=256
-  c.max_steps = -1  # >0: stop early after this many steps (smoke tests)
-  return c
+    """Returns the kn=256 ImageNet config (Goyal et al. baseline; names as in GUIDE.md §3)."""
+    c = ml_collections.ConfigDict()
+    # Data.
+    c.dataset = "imagenet2012"  # or 'folder:<path>' for your own train/<class>/*.jpg, val/<class>/*.jpg
+    c.data_dir = ""  # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    c.augment = "inception"  # random-size crop + flip; center crop for evaluation
+    c.image_size = 224
+    # Workers (Goyal's k and n); the global minibatch k*n is derived, never set.
+    c.num_workers = 8
+    c.per_worker_batch_size = 32
+    c.num_devices = 0  # 0 = all devices of every process; must divide num_workers
+    # A device runs its k/d workers in the fewest sequential microsteps of <= 256 images each (0 = automatic):
+    # one microstep on the paper's hardware, more when a sweep puts many workers on few devices. The
+    # numbers do not change (each worker's 32 images stay together). Lower it on small-memory devices.
+    c.accumulation_steps = 0
+    c.max_device_batch = 256
+    c.strategy = "allreduce"
+    c.aggregation = "psum"  # 'psum' | 'ring' | 'halving_doubling'
+    c.bucket_mb = 25.0
+    # Model: ResNet-50 v1.5, zero-γ, BN momentum 0.9 (built into lbsgd.models.resnet).
+    c.model = "resnet50"
+    c.model_width = 64
+    c.dtype = "bfloat16"  # compute dtype; params, optimizer state and BN statistics stay float32
+    c.label_smoothing = 0.0
+    # Optimizer (lbsgd.optim.from_config).
+    c.optimizer = "goyal_sgd"
+    c.base_learning_rate = 0.1  # η per base_batch_size images (§2.1)
+    c.base_batch_size = 256
+    c.warmup = "gradual"  # §2.2; nothing to warm up when kn <= 256
+    c.warmup_epochs = 5
+    c.decay = "step"
+    c.decay_epochs = (30, 60, 80)
+    c.decay_factor = 0.1
+    c.momentum = 0.9
+    c.nesterov = True
+    c.weight_decay = 1e-4  # not on BN γ/β or biases
+    c.momentum_correction = True  # Remark 2
+    c.num_epochs = 90
+    # Bookkeeping.
+    c.seed = 0
+    c.eval_batch_size = 1024  # images per eval step over all devices; every val image is seen once
+    c.log_every_steps = 500
+    c.eval_every_epochs = 1
+    c.checkpoint_every_steps = 5000  # about one epoch at kn=256
+    c.max_steps = -1  # >0: stop early after this many steps (smoke tests)
+    return c

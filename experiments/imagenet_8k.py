@@ -21,19 +21,19 @@ import os
 
 
 def _baseline():
-  """Load the sibling imagenet_256.py by path (works whatever the working directory)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_256.py")
-  spec = importlib.util.spec_from_file_location("lbsgd_experiments_imagenet_256", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+    """Load the sibling imagenet_256.py by path (works whatever the working directory)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_256.py")
+    spec = importlib.util.spec_from_file_location("lbsgd_experiments_imagenet_256", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def get_config():
-  """Returns the kn=8k ImageNet config: the kn=256 config with k=256 workers."""
-  c = _baseline().get_config()
-  c.num_workers = 256
-  c.eval_batch_size = 8192
-  c.log_every_steps = 20
-  c.checkpoint_every_steps = 156  # one epoch at kn=8k
-  return c
+    """Returns the kn=8k ImageNet config: the kn=256 config with k=256 workers."""
+    c = _baseline().get_config()
+    c.num_workers = 256
+    c.eval_batch_size = 8192
+    c.log_every_steps = 20
+    c.checkpoint_every_steps = 156  # one epoch at kn=8k
+    return c

@@ -44,6 +44,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error message, exit status 2."""
 
     def error(self, message):
+        """Print one line and exit 2 (overrides argparse's usage dump)."""
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(2)
 
@@ -74,6 +75,7 @@ def _csv(conv):
         if not items:
             raise argparse.ArgumentTypeError("empty list")
         return items
+
     return parse
 
 
@@ -105,26 +107,34 @@ def _ensure_host_devices(count: int = 8) -> None:
     flags = os.environ.get("XLA_FLAGS", "")
     if "jax" in sys.modules or "xla_force_host_platform_device_count" in flags:
         return
-    os.environ["XLA_FLAGS"] = (
-        f"{flags} --xla_force_host_platform_device_count={count}".strip())
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
 
 
 def allreduce_main(argv: Sequence[str]) -> int:
     """``python -m lbsgd.bench allreduce``: ring / halving_doubling vs psum."""
-    ap = _Parser(prog="python -m lbsgd.bench allreduce",
-                 description="Time allreduce algorithms (Goyal et al. §4) "
-                             "against lax.psum on the first p devices.")
-    ap.add_argument("--sizes", type=_csv(parse_size),
-                    default=_csv(parse_size)(DEFAULT_SIZES),
-                    help=f"per-device buffer sizes (default {DEFAULT_SIZES})")
-    ap.add_argument("--devices", type=_csv(_device_count),
-                    default=_csv(_device_count)(DEFAULT_DEVICES),
-                    help=f"worker counts p (default {DEFAULT_DEVICES})")
-    ap.add_argument("--methods", type=_csv(str), default=None,
-                    help="algorithms (default: all of AGGREGATIONS)")
-    ap.add_argument("--repeats", type=_device_count, default=None,
-                    help="timed calls per point (default: 20 up to 1MB, "
-                         "5 up to 16MB, 3 above)")
+    ap = _Parser(
+        prog="python -m lbsgd.bench allreduce",
+        description="Time allreduce algorithms (Goyal et al. §4) against lax.psum on the first p devices.",
+    )
+    ap.add_argument(
+        "--sizes",
+        type=_csv(parse_size),
+        default=_csv(parse_size)(DEFAULT_SIZES),
+        help=f"per-device buffer sizes (default {DEFAULT_SIZES})",
+    )
+    ap.add_argument(
+        "--devices",
+        type=_csv(_device_count),
+        default=_csv(_device_count)(DEFAULT_DEVICES),
+        help=f"worker counts p (default {DEFAULT_DEVICES})",
+    )
+    ap.add_argument("--methods", type=_csv(str), default=None, help="algorithms (default: all of AGGREGATIONS)")
+    ap.add_argument(
+        "--repeats",
+        type=_device_count,
+        default=None,
+        help="timed calls per point (default: 20 up to 1MB, 5 up to 16MB, 3 above)",
+    )
     ap.add_argument("--json", default=None, help="write results to this path")
     args = ap.parse_args(argv)
 
@@ -139,14 +149,12 @@ def allreduce_main(argv: Sequence[str]) -> int:
     methods = args.methods or list(agg.AGGREGATIONS)
     bad = [m for m in methods if m not in agg.AGGREGATIONS]
     if bad:
-        ap.error(f"unknown --methods {','.join(bad)}; valid: "
-                 f"{','.join(agg.AGGREGATIONS)}")
+        ap.error(f"unknown --methods {','.join(bad)}; valid: {','.join(agg.AGGREGATIONS)}")
     if "psum" not in methods:
         methods = ["psum"] + methods  # the baseline for the ratios
     devices = jax.devices()
     kind = f"{devices[0].platform}: {devices[0].device_kind}"
-    print(f"device kind: {kind}; {len(devices)} devices; "
-          f"host cores: {os.cpu_count()}; jax {jax.__version__}")
+    print(f"device kind: {kind}; {len(devices)} devices; host cores: {os.cpu_count()}; jax {jax.__version__}")
 
     results = []
     for p in args.devices:
@@ -159,18 +167,15 @@ def allreduce_main(argv: Sequence[str]) -> int:
             n = nbytes // 4
             # Worker r holds r+1 everywhere: every sum is exactly p(p+1)/2.
             x = jax.make_array_from_callback(
-                (p * n,), sharding,
-                lambda idx: np.full(n, (idx[0].start or 0) // n + 1,
-                                    np.float32))
+                (p * n,), sharding, lambda idx: np.full(n, (idx[0].start or 0) // n + 1, np.float32)
+            )
             jax.block_until_ready(x)
             expected = p * (p + 1) / 2
             repeats = args.repeats or default_repeats(nbytes)
             base = None
             for method in methods:
                 fn = agg.FLAT_ALGORITHMS[method]
-                f = jax.jit(jax.shard_map(
-                    lambda v, fn=fn: fn(v, "w"), mesh=mesh,
-                    in_specs=P("w"), out_specs=P("w")))
+                f = jax.jit(jax.shard_map(lambda v, fn=fn: fn(v, "w"), mesh=mesh, in_specs=P("w"), out_specs=P("w")))
                 t0 = time.perf_counter()
                 y = jax.block_until_ready(f(x))  # compile + warm-up
                 compile_s = time.perf_counter() - t0
@@ -184,14 +189,25 @@ def allreduce_main(argv: Sequence[str]) -> int:
                 med = statistics.median(times)
                 if method == "psum":
                     base = med
-                row = dict(method=method, p=p, bytes=nbytes, repeats=repeats,
-                           median_s=med, min_s=min(times),
-                           compile_s=compile_s, ratio_to_psum=med / base,
-                           correct=ok, device_kind=kind)
+                row = dict(
+                    method=method,
+                    p=p,
+                    bytes=nbytes,
+                    repeats=repeats,
+                    median_s=med,
+                    min_s=min(times),
+                    compile_s=compile_s,
+                    ratio_to_psum=med / base,
+                    correct=ok,
+                    device_kind=kind,
+                )
                 results.append(row)
-                print(f"p={p} size={_fmt_size(nbytes):>6} {method:<16} "
-                      f"median {med * 1e3:9.3f} ms  x{med / base:5.2f} psum"
-                      f"{'' if ok else '  WRONG RESULT'}", flush=True)
+                print(
+                    f"p={p} size={_fmt_size(nbytes):>6} {method:<16} "
+                    f"median {med * 1e3:9.3f} ms  x{med / base:5.2f} psum"
+                    f"{'' if ok else '  WRONG RESULT'}",
+                    flush=True,
+                )
             del x
 
     print()
@@ -208,27 +224,25 @@ def format_table(results: Sequence[dict]) -> str:
     methods = list(dict.fromkeys(r["method"] for r in results))
     keys = list(dict.fromkeys((r["p"], r["bytes"]) for r in results))
     cell = {(r["p"], r["bytes"], r["method"]): r for r in results}
-    head = ["p", "size"] + [f"{m} ms" for m in methods] + [
-        f"{m}/psum" for m in methods if m != "psum"]
-    lines = ["| " + " | ".join(head) + " |",
-             "|" + "|".join("---:" for _ in head) + "|"]
+    head = ["p", "size"] + [f"{m} ms" for m in methods] + [f"{m}/psum" for m in methods if m != "psum"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" for _ in head) + "|"]
     for p, b in keys:
         row = [str(p), _fmt_size(b)]
-        row += [f"{cell[p, b, m]['median_s'] * 1e3:.3f}"
-                if (p, b, m) in cell else "" for m in methods]
-        row += [f"{cell[p, b, m]['ratio_to_psum']:.2f}"
-                if (p, b, m) in cell else "" for m in methods if m != "psum"]
+        row += [f"{cell[p, b, m]['median_s'] * 1e3:.3f}" if (p, b, m) in cell else "" for m in methods]
+        row += [f"{cell[p, b, m]['ratio_to_psum']:.2f}" if (p, b, m) in cell else "" for m in methods if m != "psum"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
-SUBCOMMANDS.update({
-    "allreduce": allreduce_main,
-    "input": "lbsgd.bench_imagenet:input_main",
-    "step": "lbsgd.bench_imagenet:step_main",
-    "workers": "lbsgd.bench_workers:main",
-    # Others add lazy entries here, e.g. "name": "module:function".
-})
+SUBCOMMANDS.update(
+    {
+        "allreduce": allreduce_main,
+        "input": "lbsgd.bench_imagenet:input_main",
+        "step": "lbsgd.bench_imagenet:step_main",
+        "workers": "lbsgd.bench_workers:main",
+        # Others add lazy entries here, e.g. "name": "module:function".
+    }
+)
 
 
 # --------------------------------------------------------------------------
@@ -237,20 +251,18 @@ SUBCOMMANDS.update({
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Dispatch ``python -m lbsgd.bench <subcommand> [flags]``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     valid = ", ".join(sorted(SUBCOMMANDS))
     if argv and argv[0] in ("-h", "--help"):
-        print(f"usage: python -m lbsgd.bench <subcommand> [flags]\n"
-              f"subcommands: {valid}")
+        print(f"usage: python -m lbsgd.bench <subcommand> [flags]\nsubcommands: {valid}")
         return 0
     if not argv:
-        sys.stderr.write(f"python -m lbsgd.bench: error: missing subcommand; "
-                         f"valid: {valid}\n")
+        sys.stderr.write(f"python -m lbsgd.bench: error: missing subcommand; valid: {valid}\n")
         return 2
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
-        sys.stderr.write(f"python -m lbsgd.bench: error: unknown subcommand "
-                         f"{name!r}; valid: {valid}\n")
+        sys.stderr.write(f"python -m lbsgd.bench: error: unknown subcommand {name!r}; valid: {valid}\n")
         return 2
     return int(_resolve(SUBCOMMANDS[name])(rest) or 0)
 

@@ -22,91 +22,123 @@ import time
 
 
 def _parse(argv):
-  p = argparse.ArgumentParser(prog="python -m lbsgd.bench workers", description=__doc__.splitlines()[0])
-  p.add_argument("--model", default="resnet50")
-  p.add_argument("--image_size", type=int, default=None, help="default: 224 for ImageNet models, 32 otherwise")
-  p.add_argument("--per_worker_batch_size", type=int, default=32)
-  p.add_argument("--workers", default="1,2,4,8", help="comma-separated m values (workers per device)")
-  p.add_argument("--modes", default="vmap,accumulate,one_bn")
-  p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-  p.add_argument("--repeats", type=int, default=10)
-  p.add_argument("--json", default=None, help="write results to this path")
-  return p.parse_args(argv)
+    p = argparse.ArgumentParser(prog="python -m lbsgd.bench workers", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--image_size", type=int, default=None, help="default: 224 for ImageNet models, 32 otherwise")
+    p.add_argument("--per_worker_batch_size", type=int, default=32)
+    p.add_argument("--workers", default="1,2,4,8", help="comma-separated m values (workers per device)")
+    p.add_argument("--modes", default="vmap,accumulate,one_bn")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--json", default=None, help="write results to this path")
+    return p.parse_args(argv)
 
 
 def _time_step(model_name, image_size, dtype, m, n, mode, repeats):
-  import jax
-  import jax.numpy as jnp
-  import types
+    import jax
+    import jax.numpy as jnp
+    import types
 
-  import numpy as np
+    import numpy as np
 
-  from lbsgd import optim, train
-  from lbsgd.models import resnet
-  from lbsgd.parallel import layout as layout_lib
+    from lbsgd import optim, train
+    from lbsgd.models import resnet
+    from lbsgd.parallel import layout as layout_lib
 
-  k, n_eff, acc = (1, m * n, 1) if mode == "one_bn" else (m, n, m if mode == "accumulate" else 1)
-  cfg = types.SimpleNamespace(**dict(num_workers=k, per_worker_batch_size=n_eff, base_learning_rate=0.1,
-                                       warmup="gradual", warmup_epochs=5, num_epochs=90, optimizer="goyal_sgd"))  # from_config reads attributes
-  tx, schedule = optim.from_config(cfg, 1000)
-  model = resnet.create_model(model_name, num_classes=1000 if image_size >= 64 else 10,
-                              dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
-  lay = layout_lib.make_layout(k, 1)
-  state = train.create_train_state(model, tx, lay, (image_size, image_size, 3), 0)
-  step = train.make_train_step(model, tx, schedule, lay, per_worker_batch_size=n_eff, accumulation_steps=acc)
-  rng = np.random.default_rng(0)
-  batch = train.global_batch(lay, {
-      "image": rng.normal(size=(m * n, image_size, image_size, 3)).astype(np.float32),
-      "label": rng.integers(0, 10, size=(m * n,)).astype(np.int32)})
-  state, metrics = step(state, batch["image"], batch["label"])  # compile + warm up
-  jax.block_until_ready(state)
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    state, metrics = step(state, batch["image"], batch["label"])
+    k, n_eff, acc = (1, m * n, 1) if mode == "one_bn" else (m, n, m if mode == "accumulate" else 1)
+    cfg = types.SimpleNamespace(
+        **dict(
+            num_workers=k,
+            per_worker_batch_size=n_eff,
+            base_learning_rate=0.1,
+            warmup="gradual",
+            warmup_epochs=5,
+            num_epochs=90,
+            optimizer="goyal_sgd",
+        )
+    )  # from_config reads attributes
+    tx, schedule = optim.from_config(cfg, 1000)
+    model = resnet.create_model(
+        model_name,
+        num_classes=1000 if image_size >= 64 else 10,
+        dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
+    )
+    lay = layout_lib.make_layout(k, 1)
+    state = train.create_train_state(model, tx, lay, (image_size, image_size, 3), 0)
+    step = train.make_train_step(model, tx, schedule, lay, per_worker_batch_size=n_eff, accumulation_steps=acc)
+    rng = np.random.default_rng(0)
+    batch = train.global_batch(
+        lay,
+        {
+            "image": rng.normal(size=(m * n, image_size, image_size, 3)).astype(np.float32),
+            "label": rng.integers(0, 10, size=(m * n,)).astype(np.int32),
+        },
+    )
+    state, metrics = step(state, batch["image"], batch["label"])  # compile + warm up
     jax.block_until_ready(state)
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        state, metrics = step(state, batch["image"], batch["label"])
+        jax.block_until_ready(state)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def main(argv=None) -> int:
-  """Run the benchmark; prints a table and returns 0."""
-  args = _parse(sys.argv[1:] if argv is None else argv)
-  import jax
+    """Run the benchmark; prints a table and returns 0."""
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    import jax
 
-  image_size = args.image_size or (224 if args.model in ("resnet18", "resnet34", "resnet50", "resnet101",
-                                                         "resnet152") else 32)
-  ms = [int(x) for x in args.workers.split(",")]
-  modes = args.modes.split(",")
-  dev = jax.devices()[0]
-  print(f"device: {dev.device_kind} ({jax.default_backend()}), model {args.model} at {image_size}x{image_size}, "
-        f"{args.dtype}, n={args.per_worker_batch_size} per worker, median of {args.repeats}")
-  rows = []
-  print(f"{'m':>3} {'examples':>8} " + " ".join(f"{md + ' img/s':>16}" for md in modes) + "   ratios to one_bn")
-  for m in ms:
-    row = {"m": m, "examples": m * args.per_worker_batch_size}
-    for md in modes:
-      if md == "accumulate" and m == 1:
-        row[md] = row.get("vmap")
-        continue
-      try:
-        sec = _time_step(args.model, image_size, args.dtype, m, args.per_worker_batch_size, md, args.repeats)
-        row[md] = m * args.per_worker_batch_size / sec
-      except Exception as e:  # noqa: BLE001 - e.g. out of memory at large m: report and go on
-        row[md] = None
-        print(f"   m={m} {md}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-    base = row.get("one_bn")
-    ratios = " ".join(f"{md}={row[md] / base:.2f}" for md in modes if md != "one_bn" and row.get(md) and base)
-    print(f"{m:>3} {row['examples']:>8} " + " ".join(
-        f"{row[md]:>16.1f}" if row.get(md) else f"{'-':>16}" for md in modes) + f"   {ratios}")
-    rows.append(row)
-  if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-      json.dump({"device": dev.device_kind, "backend": jax.default_backend(), "model": args.model,
-                 "image_size": image_size, "dtype": args.dtype, "rows": rows}, f, indent=2)
-  return 0
+    image_size = args.image_size or (
+        224 if args.model in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152") else 32
+    )
+    ms = [int(x) for x in args.workers.split(",")]
+    modes = args.modes.split(",")
+    dev = jax.devices()[0]
+    print(
+        f"device: {dev.device_kind} ({jax.default_backend()}), model {args.model} at {image_size}x{image_size}, "
+        f"{args.dtype}, n={args.per_worker_batch_size} per worker, median of {args.repeats}"
+    )
+    rows = []
+    print(f"{'m':>3} {'examples':>8} " + " ".join(f"{md + ' img/s':>16}" for md in modes) + "   ratios to one_bn")
+    for m in ms:
+        row = {"m": m, "examples": m * args.per_worker_batch_size}
+        for md in modes:
+            if md == "accumulate" and m == 1:
+                row[md] = row.get("vmap")
+                continue
+            try:
+                sec = _time_step(args.model, image_size, args.dtype, m, args.per_worker_batch_size, md, args.repeats)
+                row[md] = m * args.per_worker_batch_size / sec
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory at large m: report and go on
+                row[md] = None
+                print(f"   m={m} {md}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        base = row.get("one_bn")
+        ratios = " ".join(f"{md}={row[md] / base:.2f}" for md in modes if md != "one_bn" and row.get(md) and base)
+        print(
+            f"{m:>3} {row['examples']:>8} "
+            + " ".join(f"{row[md]:>16.1f}" if row.get(md) else f"{'-':>16}" for md in modes)
+            + f"   {ratios}"
+        )
+        rows.append(row)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "device": dev.device_kind,
+                    "backend": jax.default_backend(),
+                    "model": args.model,
+                    "image_size": image_size,
+                    "dtype": args.dtype,
+                    "rows": rows,
+                },
+                f,
+                indent=2,
+            )
+    return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

@@ -34,7 +34,7 @@ from typing import Callable, Iterable, Sequence
 MIB = 1 << 20
 
 # Defaults, documented in the CLI help and in README:
-DEFAULT_MESSAGE_MB = 100.0   # ResNet-50: ~25.6M float32 gradients ~ 100 MB.
+DEFAULT_MESSAGE_MB = 100.0  # ResNet-50: ~25.6M float32 gradients ~ 100 MB.
 DEFAULT_BANDWIDTH_GBIT = 50.0  # Goyal et al.'s 50 Gbit/s Ethernet.
 # Per-message latency on a 50 GbE datacenter network: a few us for RDMA
 # (RoCE) end to end, tens of us through the kernel TCP stack; 10 us is a
@@ -53,11 +53,11 @@ def _check(p: int, nbytes: float) -> None:
 
 
 def is_power_of_two(p: int) -> bool:
+    """True for p = 1, 2, 4, 8, ..."""
     return p >= 1 and p & (p - 1) == 0
 
 
-def ring_cost(p: int, nbytes: float, alpha: float, beta: float,
-              gamma: float) -> dict:
+def ring_cost(p: int, nbytes: float, alpha: float, beta: float, gamma: float) -> dict:
     """Ring allreduce cost (Goyal et al. §4's "bucket" algorithm).
 
     Reduce-scatter then all-gather around a ring: 2(p-1) steps, each node
@@ -70,12 +70,12 @@ def ring_cost(p: int, nbytes: float, alpha: float, beta: float,
     steps = 2 * (p - 1)
     sent = 2 * (p - 1) / p * nbytes
     reduced = (p - 1) / p * nbytes
-    return dict(steps=steps, bytes_sent=sent, bytes_reduced=reduced,
-                time_s=steps * alpha + sent * beta + reduced * gamma)
+    return dict(
+        steps=steps, bytes_sent=sent, bytes_reduced=reduced, time_s=steps * alpha + sent * beta + reduced * gamma
+    )
 
 
-def halving_doubling_cost(p: int, nbytes: float, alpha: float, beta: float,
-                          gamma: float) -> dict:
+def halving_doubling_cost(p: int, nbytes: float, alpha: float, beta: float, gamma: float) -> dict:
     """Recursive halving/doubling allreduce cost (Goyal et al. §4).
 
     Power-of-two p: recursive-halving reduce-scatter (log2 p steps sending
@@ -100,8 +100,9 @@ def halving_doubling_cost(p: int, nbytes: float, alpha: float, beta: float,
         steps += 2
         sent += 2 * nbytes
         reduced += nbytes
-    return dict(steps=steps, bytes_sent=sent, bytes_reduced=reduced,
-                time_s=steps * alpha + sent * beta + reduced * gamma)
+    return dict(
+        steps=steps, bytes_sent=sent, bytes_reduced=reduced, time_s=steps * alpha + sent * beta + reduced * gamma
+    )
 
 
 COSTS: dict[str, Callable[..., dict]] = {
@@ -110,9 +111,11 @@ COSTS: dict[str, Callable[..., dict]] = {
 }
 
 
-def model_params(bandwidth_gbit: float = DEFAULT_BANDWIDTH_GBIT,
-                 latency_us: float = DEFAULT_LATENCY_US,
-                 reduce_gbyte_s: float = DEFAULT_REDUCE_GBYTE_S):
+def model_params(
+    bandwidth_gbit: float = DEFAULT_BANDWIDTH_GBIT,
+    latency_us: float = DEFAULT_LATENCY_US,
+    reduce_gbyte_s: float = DEFAULT_REDUCE_GBYTE_S,
+):
     """(alpha [s], beta [s/byte], gamma [s/byte]) from network figures."""
     alpha = latency_us * 1e-6
     beta = 8.0 / (bandwidth_gbit * 1e9)
@@ -120,15 +123,15 @@ def model_params(bandwidth_gbit: float = DEFAULT_BANDWIDTH_GBIT,
     return alpha, beta, gamma
 
 
-def hd_advantage(p: int, nbytes: float, alpha: float, beta: float,
-                 gamma: float) -> float:
+def hd_advantage(p: int, nbytes: float, alpha: float, beta: float, gamma: float) -> float:
     """ring time - halving/doubling time (> 0: halving/doubling wins)."""
-    return (ring_cost(p, nbytes, alpha, beta, gamma)["time_s"]
-            - halving_doubling_cost(p, nbytes, alpha, beta, gamma)["time_s"])
+    return (
+        ring_cost(p, nbytes, alpha, beta, gamma)["time_s"]
+        - halving_doubling_cost(p, nbytes, alpha, beta, gamma)["time_s"]
+    )
 
 
-def crossover(p_values: Iterable[int], nbytes: float, alpha: float,
-              beta: float, gamma: float) -> int | None:
+def crossover(p_values: Iterable[int], nbytes: float, alpha: float, beta: float, gamma: float) -> int | None:
     """Smallest p in ``p_values`` from which halving/doubling beats the ring.
 
     Goyal et al. §4's regime: as p grows the ring's 2(p-1) alpha latency term
@@ -147,8 +150,7 @@ def crossover(p_values: Iterable[int], nbytes: float, alpha: float,
     return best
 
 
-def crossover_bytes(p: int, alpha: float, beta: float,
-                    gamma: float) -> float:
+def crossover_bytes(p: int, alpha: float, beta: float, gamma: float) -> float:
     """Message size below which halving/doubling beats the ring at p workers.
 
     The time difference is linear in b (``hd_advantage(b) = A + B*b``), so
@@ -176,34 +178,42 @@ def _winner(ring_s: float, hd_s: float) -> str:
     return "ring" if ring_s < hd_s else "tie"
 
 
-def table(p_values: Sequence[int], nbytes: float, alpha: float, beta: float,
-          gamma: float) -> list[dict]:
+def table(p_values: Sequence[int], nbytes: float, alpha: float, beta: float, gamma: float) -> list[dict]:
+    """Rows of ring vs halving/doubling cost (steps, bytes, time, winner) for each p."""
     rows = []
     for p in p_values:
         r = ring_cost(p, nbytes, alpha, beta, gamma)
         h = halving_doubling_cost(p, nbytes, alpha, beta, gamma)
-        rows.append(dict(p=p, ring_steps=r["steps"], hd_steps=h["steps"],
-                         ring_ms=1e3 * r["time_s"], hd_ms=1e3 * h["time_s"],
-                         winner=_winner(r["time_s"], h["time_s"])))
+        rows.append(
+            dict(
+                p=p,
+                ring_steps=r["steps"],
+                hd_steps=h["steps"],
+                ring_ms=1e3 * r["time_s"],
+                hd_ms=1e3 * h["time_s"],
+                winner=_winner(r["time_s"], h["time_s"]),
+            )
+        )
     return rows
 
 
 def format_table(rows: Sequence[dict]) -> str:
-    head = (f"{'p':>6} {'ring steps':>10} {'h/d steps':>9} "
-            f"{'ring ms':>10} {'h/d ms':>10} {'ring/hd':>8}  winner")
+    """Render ``table()`` rows as the fixed-width text table the CLI prints."""
+    head = f"{'p':>6} {'ring steps':>10} {'h/d steps':>9} {'ring ms':>10} {'h/d ms':>10} {'ring/hd':>8}  winner"
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['p']:>6} {r['ring_steps']:>10} {r['hd_steps']:>9} "
             f"{r['ring_ms']:>10.3f} {r['hd_ms']:>10.3f} "
-            f"{r['ring_ms'] / r['hd_ms']:>8.2f}  {r['winner']}")
+            f"{r['ring_ms'] / r['hd_ms']:>8.2f}  {r['winner']}"
+        )
     return "\n".join(lines)
 
 
-def plot(path: str, max_p: int, nbytes: float, alpha: float, beta: float,
-         gamma: float, fixed_p: int) -> None:
+def plot(path: str, max_p: int, nbytes: float, alpha: float, beta: float, gamma: float, fixed_p: int) -> None:
     """Write a PNG: time vs p (left) and time vs message size at fixed p."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -216,10 +226,8 @@ def plot(path: str, max_p: int, nbytes: float, alpha: float, beta: float,
         return [1e3 * fn(p, nbytes, alpha, beta, gamma)["time_s"] for p in pp]
 
     ax1.plot(ps, ms(ring_cost, ps), label="ring", lw=1.5)
-    ax1.plot(pow2, ms(halving_doubling_cost, pow2), marker="o",
-             label="halving_doubling, p = 2^k")
-    ax1.plot(other, ms(halving_doubling_cost, other), ls="--", lw=1,
-             label="halving_doubling, other p (pre/post step)")
+    ax1.plot(pow2, ms(halving_doubling_cost, pow2), marker="o", label="halving_doubling, p = 2^k")
+    ax1.plot(other, ms(halving_doubling_cost, other), ls="--", lw=1, label="halving_doubling, other p (pre/post step)")
     ax1.set_xscale("log", base=2)
     ax1.set_yscale("log")
     ax1.set_xlabel("workers p")
@@ -228,11 +236,14 @@ def plot(path: str, max_p: int, nbytes: float, alpha: float, beta: float,
     ax1.legend()
     ax1.grid(True, which="both", alpha=0.3)
 
-    sizes = [2.0 ** k for k in range(10, 31)]  # 1 KiB .. 1 GiB
+    sizes = [2.0**k for k in range(10, 31)]  # 1 KiB .. 1 GiB
     for name, fn in COSTS.items():
-        ax2.plot([b / MIB for b in sizes],
-                 [1e3 * fn(fixed_p, b, alpha, beta, gamma)["time_s"]
-                  for b in sizes], label=name, marker=".")
+        ax2.plot(
+            [b / MIB for b in sizes],
+            [1e3 * fn(fixed_p, b, alpha, beta, gamma)["time_s"] for b in sizes],
+            label=name,
+            marker=".",
+        )
     ax2.set_xscale("log", base=2)
     ax2.set_yscale("log")
     ax2.set_xlabel("message size (MiB)")
@@ -240,10 +251,12 @@ def plot(path: str, max_p: int, nbytes: float, alpha: float, beta: float,
     ax2.set_title(f"p = {fixed_p}")
     ax2.legend()
     ax2.grid(True, which="both", alpha=0.3)
-    fig.suptitle(f"alpha-beta-gamma model: alpha={alpha * 1e6:g} us, "
-                 f"{8 / beta / 1e9:g} Gbit/s, "
-                 f"reduce {'inf' if gamma == 0 else f'{1 / gamma / 1e9:g}'} "
-                 "GB/s (Goyal et al. 2017, sec. 4)")
+    fig.suptitle(
+        f"alpha-beta-gamma model: alpha={alpha * 1e6:g} us, "
+        f"{8 / beta / 1e9:g} Gbit/s, "
+        f"reduce {'inf' if gamma == 0 else f'{1 / gamma / 1e9:g}'} "
+        "GB/s (Goyal et al. 2017, sec. 4)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -253,6 +266,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error message, exit status 2."""
 
     def error(self, message):
+        """Print one line and exit 2."""
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(2)
 
@@ -263,34 +277,42 @@ def _positive(kind):
         if not v > 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
         return v
+
     return conv
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = _Parser(prog="python -m lbsgd.commcost",
-                 description="alpha-beta-gamma model: ring vs recursive "
-                             "halving/doubling allreduce (Goyal et al. §4).")
-    ap.add_argument("--message_mb", type=_positive(float),
-                    default=DEFAULT_MESSAGE_MB,
-                    help="message size in MiB (default 100: ResNet-50's "
-                         "~25.6M float32 gradients)")
-    ap.add_argument("--bandwidth_gbit", type=_positive(float),
-                    default=DEFAULT_BANDWIDTH_GBIT,
-                    help="link bandwidth, Gbit/s (default 50, Goyal's "
-                         "Ethernet)")
-    ap.add_argument("--latency_us", type=float, default=DEFAULT_LATENCY_US,
-                    help="per-message latency alpha in us (default 10)")
-    ap.add_argument("--reduce_gbyte_s", type=float,
-                    default=DEFAULT_REDUCE_GBYTE_S,
-                    help="reduction throughput in GB/s, gamma = 1/this; "
-                         "0 = free (default 10)")
-    ap.add_argument("--max_p", type=_positive(int), default=4096,
-                    help="largest worker count (default 4096)")
-    ap.add_argument("--fixed_p", type=_positive(int), default=1000,
-                    help="p for the time-vs-message-size panel "
-                         "(default 1000)")
-    ap.add_argument("--out", default="commcost.png",
-                    help="PNG path; a directory means <dir>/commcost.png")
+    """``python -m lbsgd.commcost``: print the table, write the PNG; returns the exit status."""
+    ap = _Parser(
+        prog="python -m lbsgd.commcost",
+        description="alpha-beta-gamma model: ring vs recursive halving/doubling allreduce (Goyal et al. §4).",
+    )
+    ap.add_argument(
+        "--message_mb",
+        type=_positive(float),
+        default=DEFAULT_MESSAGE_MB,
+        help="message size in MiB (default 100: ResNet-50's ~25.6M float32 gradients)",
+    )
+    ap.add_argument(
+        "--bandwidth_gbit",
+        type=_positive(float),
+        default=DEFAULT_BANDWIDTH_GBIT,
+        help="link bandwidth, Gbit/s (default 50, Goyal's Ethernet)",
+    )
+    ap.add_argument(
+        "--latency_us", type=float, default=DEFAULT_LATENCY_US, help="per-message latency alpha in us (default 10)"
+    )
+    ap.add_argument(
+        "--reduce_gbyte_s",
+        type=float,
+        default=DEFAULT_REDUCE_GBYTE_S,
+        help="reduction throughput in GB/s, gamma = 1/this; 0 = free (default 10)",
+    )
+    ap.add_argument("--max_p", type=_positive(int), default=4096, help="largest worker count (default 4096)")
+    ap.add_argument(
+        "--fixed_p", type=_positive(int), default=1000, help="p for the time-vs-message-size panel (default 1000)"
+    )
+    ap.add_argument("--out", default="commcost.png", help="PNG path; a directory means <dir>/commcost.png")
     args = ap.parse_args(argv)
     if args.latency_us < 0:
         ap.error("--latency_us must be >= 0")
@@ -299,25 +321,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.max_p < 2:
         ap.error("--max_p must be >= 2")
 
-    alpha, beta, gamma = model_params(args.bandwidth_gbit, args.latency_us,
-                                      args.reduce_gbyte_s)
+    alpha, beta, gamma = model_params(args.bandwidth_gbit, args.latency_us, args.reduce_gbyte_s)
     nbytes = args.message_mb * MIB
     ps = default_p_values(args.max_p)
-    print(f"alpha-beta-gamma model: message {args.message_mb:g} MiB, "
-          f"{args.bandwidth_gbit:g} Gbit/s, alpha {args.latency_us:g} us, "
-          f"reduce {args.reduce_gbyte_s:g} GB/s")
+    print(
+        f"alpha-beta-gamma model: message {args.message_mb:g} MiB, "
+        f"{args.bandwidth_gbit:g} Gbit/s, alpha {args.latency_us:g} us, "
+        f"reduce {args.reduce_gbyte_s:g} GB/s"
+    )
     print(format_table(table(ps, nbytes, alpha, beta, gamma)))
     all_ps = range(2, args.max_p + 1)
     cp = crossover(all_ps, nbytes, alpha, beta, gamma)
-    print("halving/doubling beats ring at every power of two p >= 4 "
-          "(same bytes, fewer steps).")
-    print("including non-powers of two (pre/post step costs ~2b beta): "
-          + (f"halving/doubling wins for all p >= {cp}" if cp else
-             f"ring still wins at some p up to {args.max_p}"))
+    print("halving/doubling beats ring at every power of two p >= 4 (same bytes, fewer steps).")
+    print(
+        "including non-powers of two (pre/post step costs ~2b beta): "
+        + (f"halving/doubling wins for all p >= {cp}" if cp else f"ring still wins at some p up to {args.max_p}")
+    )
     b_star = crossover_bytes(args.fixed_p, alpha, beta, gamma)
-    print(f"at p = {args.fixed_p}: halving/doubling wins for messages "
-          + ("of any size" if math.isinf(b_star) else
-             f"below {b_star / MIB:.3g} MiB"))
+    print(
+        f"at p = {args.fixed_p}: halving/doubling wins for messages "
+        + ("of any size" if math.isinf(b_star) else f"below {b_star / MIB:.3g} MiB")
+    )
 
     out = args.out
     if os.path.isdir(out):
@@ -325,8 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         plot(out, args.max_p, nbytes, alpha, beta, gamma, args.fixed_p)
     except OSError as e:
-        print(f"python -m lbsgd.commcost: error: cannot write {out}: {e}",
-              file=sys.stderr)
+        print(f"python -m lbsgd.commcost: error: cannot write {out}: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out}")
     return 0

@@ -23,110 +23,124 @@ import time
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-  """True when nothing listens on ``host:port``."""
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-      s.bind((host, port))
-    except OSError:
-      return False
-  return True
+    """True when nothing listens on ``host:port``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-  """A port the OS reports free right now."""
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind((host, 0))
-    return s.getsockname()[1]
+    """A port the OS reports free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def _pump(stream, prefix: str, out, lock: threading.Lock) -> None:
-  for line in iter(stream.readline, ""):
-    with lock:
-      out.write(f"{prefix} {line}")
-      out.flush()
-  stream.close()
+    for line in iter(stream.readline, ""):
+        with lock:
+            out.write(f"{prefix} {line}")
+            out.flush()
+    stream.close()
 
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-  if "--" in argv:
-    i = argv.index("--")
-    own, main_args = argv[:i], argv[i + 1:]
-  else:
-    own, main_args = argv, []
-  p = argparse.ArgumentParser(prog="python -m lbsgd.launch", description=__doc__.splitlines()[0])
-  p.add_argument("--num_processes", type=int, default=2)
-  p.add_argument("--devices_per_process", type=int, default=4)
-  p.add_argument("--port", type=int, default=0, help="coordinator port on 127.0.0.1 (0 = pick a free one)")
-  p.add_argument("--heartbeat_timeout_s", type=int, default=60)
-  args = p.parse_args(own)
-  return args, main_args
+    if "--" in argv:
+        i = argv.index("--")
+        own, main_args = argv[:i], argv[i + 1 :]
+    else:
+        own, main_args = argv, []
+    p = argparse.ArgumentParser(prog="python -m lbsgd.launch", description=__doc__.splitlines()[0])
+    p.add_argument("--num_processes", type=int, default=2)
+    p.add_argument("--devices_per_process", type=int, default=4)
+    p.add_argument("--port", type=int, default=0, help="coordinator port on 127.0.0.1 (0 = pick a free one)")
+    p.add_argument("--heartbeat_timeout_s", type=int, default=60)
+    args = p.parse_args(own)
+    return args, main_args
 
 
 def _error(msg: str) -> int:
-  print(f"lbsgd.launch: error: {msg}", file=sys.stderr)
-  return 2
+    print(f"lbsgd.launch: error: {msg}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
-  """Run the processes; returns the exit status (0 only if every process succeeded)."""
-  args, main_args = _parse(sys.argv[1:] if argv is None else argv)
-  if args.num_processes < 1 or args.devices_per_process < 1:
-    return _error("--num_processes and --devices_per_process must be >= 1")
-  if not main_args:
-    return _error("no lbsgd.main arguments; usage: python -m lbsgd.launch --num_processes=2 -- "
-                  "--config=experiments/digits.py --workdir=runs/x")
-  if args.port and not port_is_free(args.port):
-    return _error(f"port {args.port} on 127.0.0.1 is already in use; pass another --port or --port=0 to pick a "
-                  f"free one")
-  port = args.port or free_port()
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = " ".join(
-      [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-      + [f"--xla_force_host_platform_device_count={args.devices_per_process}"])
-  env.setdefault("JAX_PLATFORMS", "cpu")
-  env["PYTHONUNBUFFERED"] = "1"
-  procs, pumps, lock = [], [], threading.Lock()
-  for i in range(args.num_processes):
-    cmd = [sys.executable, "-m", "lbsgd.main", *main_args, f"--coordinator_address=127.0.0.1:{port}",
-           f"--num_processes={args.num_processes}", f"--process_id={i}",
-           f"--heartbeat_timeout_s={args.heartbeat_timeout_s}"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    procs.append(proc)
-    t = threading.Thread(target=_pump, args=(proc.stdout, f"[p{i}]", sys.stdout, lock), daemon=True)
-    t.start()
-    pumps.append(t)
-  status = 0
-  try:
-    while True:
-      codes = [p.poll() for p in procs]
-      failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
-      if failed:
-        i, status = failed[0]
-        with lock:
-          print(f"lbsgd.launch: process {i} exited with status {status}; stopping the others", file=sys.stderr)
-        break
-      if all(c == 0 for c in codes):
-        break
-      time.sleep(0.2)
-  except KeyboardInterrupt:
-    status = 130
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        os.killpg(p.pid, signal.SIGTERM)
-    deadline = time.time() + 10
-    for p in procs:
-      try:
-        p.wait(max(0.1, deadline - time.time()))
-      except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-    for t in pumps:
-      t.join(timeout=5)
-  return status if status >= 0 else 1
+    """Run the processes; returns the exit status (0 only if every process succeeded)."""
+    args, main_args = _parse(sys.argv[1:] if argv is None else argv)
+    if args.num_processes < 1 or args.devices_per_process < 1:
+        return _error("--num_processes and --devices_per_process must be >= 1")
+    if not main_args:
+        return _error(
+            "no lbsgd.main arguments; usage: python -m lbsgd.launch --num_processes=2 -- "
+            "--config=experiments/digits.py --workdir=runs/x"
+        )
+    if args.port and not port_is_free(args.port):
+        return _error(
+            f"port {args.port} on 127.0.0.1 is already in use; pass another --port or --port=0 to pick a free one"
+        )
+    port = args.port or free_port()
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join(
+        [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+        + [f"--xla_force_host_platform_device_count={args.devices_per_process}"]
+    )
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    env["PYTHONUNBUFFERED"] = "1"
+    procs, pumps, lock = [], [], threading.Lock()
+    for i in range(args.num_processes):
+        cmd = [
+            sys.executable,
+            "-m",
+            "lbsgd.main",
+            *main_args,
+            f"--coordinator_address=127.0.0.1:{port}",
+            f"--num_processes={args.num_processes}",
+            f"--process_id={i}",
+            f"--heartbeat_timeout_s={args.heartbeat_timeout_s}",
+        ]
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+        procs.append(proc)
+        t = threading.Thread(target=_pump, args=(proc.stdout, f"[p{i}]", sys.stdout, lock), daemon=True)
+        t.start()
+        pumps.append(t)
+    status = 0
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                i, status = failed[0]
+                with lock:
+                    print(
+                        f"lbsgd.launch: process {i} exited with status {status}; stopping the others", file=sys.stderr
+                    )
+                break
+            if all(c == 0 for c in codes):
+                break
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        status = 130
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        deadline = time.time() + 10
+        for p in procs:
+            try:
+                p.wait(max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        for t in pumps:
+            t.join(timeout=5)
+    return status if status >= 0 else 1
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

@@ -33,169 +33,180 @@ EXIT_USAGE = 2
 
 
 def quiet_native_logs() -> None:
-  """Keep TensorFlow's C++ start-up notices (oneDNN, CPU features) off stderr.
+    """Keep TensorFlow's C++ start-up notices (oneDNN, CPU features) off stderr.
 
-  tf.data is only used for decoding and augmentation here; oneDNN's reordered float math in TF ops
-  is turned off so that preprocessing is bit-reproducible.
-  """
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    tf.data is only used for decoding and augmentation here; oneDNN's reordered float math in TF ops
+    is turned off so that preprocessing is bit-reproducible.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
 def fail(message: str) -> None:
-  """Print ``lbsgd: error: <message>`` on stderr (one line) and exit with status 2."""
-  print(f"lbsgd: error: {' '.join(str(message).split())}", file=sys.stderr)
-  sys.exit(EXIT_USAGE)
+    """Print ``lbsgd: error: <message>`` on stderr (one line) and exit with status 2."""
+    print(f"lbsgd: error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
 
 
 def _flag_value(argv: list[str], name: str) -> str | None:
-  for arg in argv:
-    if arg.startswith(f"--{name}="):
-      return arg.split("=", 1)[1]
-  return None
+    for arg in argv:
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """Parse flags; a bad flag, missing/unreadable config file or unknown override exits 2 with one line."""
-  config_path = _flag_value(argv, "config")
-  if config_path is not None and not os.path.isfile(config_path.split(":", 1)[0]):
-    fail(f"--config file {config_path!r} does not exist; pass --config=<path to an experiments/*.py file>")
-  try:
-    rest = FLAGS(argv)
-    FLAGS.config  # ml_collections defers load errors to the first access  # noqa: B018
-  except flags.Error as e:
-    fail(f"{e}; see --helpfull for the flags")
-  except (KeyError, AttributeError) as e:
-    bad = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
-    name = str(e.args[0] if e.args else e).strip("\"'")
-    fail(f"unknown config field {name!r} (in {' '.join(bad)}); use a field that exists in {config_path}")
-  except (ValueError, TypeError) as e:
-    fail(f"bad --config override: {e}; check the value's type against {config_path}")
-  except OSError as e:
-    fail(f"--config file {config_path!r} cannot be loaded ({str(e).splitlines()[0]}); pass a valid "
-         f"experiments/*.py file")
-  except Exception as e:  # noqa: BLE001 - an error inside the user's config file
-    fail(f"--config file {config_path!r} failed to load: {type(e).__name__}: {e}")
-  return rest
+    """Parse flags; a bad flag, missing/unreadable config file or unknown override exits 2 with one line."""
+    config_path = _flag_value(argv, "config")
+    if config_path is not None and not os.path.isfile(config_path.split(":", 1)[0]):
+        fail(f"--config file {config_path!r} does not exist; pass --config=<path to an experiments/*.py file>")
+    try:
+        rest = FLAGS(argv)
+        FLAGS.config  # ml_collections defers load errors to the first access  # noqa: B018
+    except flags.Error as e:
+        fail(f"{e}; see --helpfull for the flags")
+    except (KeyError, AttributeError) as e:
+        bad = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
+        name = str(e.args[0] if e.args else e).strip("\"'")
+        fail(f"unknown config field {name!r} (in {' '.join(bad)}); use a field that exists in {config_path}")
+    except (ValueError, TypeError) as e:
+        fail(f"bad --config override: {e}; check the value's type against {config_path}")
+    except OSError as e:
+        fail(
+            f"--config file {config_path!r} cannot be loaded ({str(e).splitlines()[0]}); pass a valid "
+            f"experiments/*.py file"
+        )
+    except Exception as e:  # noqa: BLE001 - an error inside the user's config file
+        fail(f"--config file {config_path!r} failed to load: {type(e).__name__}: {e}")
+    return rest
 
 
 def init_distributed() -> None:
-  """Join a multi-process run when asked to (before any JAX device is touched)."""
-  import jax
+    """Join a multi-process run when asked to (before any JAX device is touched)."""
+    import jax
 
-  if FLAGS.coordinator_address or FLAGS.num_processes:
-    if not (FLAGS.coordinator_address and FLAGS.num_processes and FLAGS.process_id is not None):
-      fail("multi-process runs need all of --coordinator_address, --num_processes and --process_id")
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                               initialization_timeout=FLAGS.init_timeout_s,
-                               heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_s)
-  elif FLAGS.distributed == "auto":
-    jax.distributed.initialize()
+    if FLAGS.coordinator_address or FLAGS.num_processes:
+        if not (FLAGS.coordinator_address and FLAGS.num_processes and FLAGS.process_id is not None):
+            fail("multi-process runs need all of --coordinator_address, --num_processes and --process_id")
+        jax.distributed.initialize(
+            FLAGS.coordinator_address,
+            FLAGS.num_processes,
+            FLAGS.process_id,
+            initialization_timeout=FLAGS.init_timeout_s,
+            heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_s,
+        )
+    elif FLAGS.distributed == "auto":
+        jax.distributed.initialize()
 
 
 class _QuietLibraries(logging.Filter):
-  """Drop INFO chatter of orbax/tfds (they log every save step at INFO); keep warnings and errors."""
+    """Drop INFO chatter of orbax/tfds (they log every save step at INFO); keep warnings and errors."""
 
-  NOISY = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/")
+    NOISY = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/")
 
-  def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or not any(s in record.pathname for s in self.NOISY)
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Keep warnings and errors, and INFO records not from the noisy libraries."""
+        return record.levelno >= logging.WARNING or not any(s in record.pathname for s in self.NOISY)
 
 
 def quiet_logging() -> None:
-  """Keep lbsgd's and clu's progress lines, silence libraries' INFO logs."""
-  from absl import logging as absl_logging
+    """Keep lbsgd's and clu's progress lines, silence libraries' INFO logs."""
+    from absl import logging as absl_logging
 
-  handler = absl_logging.get_absl_handler()
-  handler.addFilter(_QuietLibraries())
-  for h in logging.getLogger().handlers:
-    h.addFilter(_QuietLibraries())
+    handler = absl_logging.get_absl_handler()
+    handler.addFilter(_QuietLibraries())
+    for h in logging.getLogger().handlers:
+        h.addFilter(_QuietLibraries())
 
 
 def main(argv) -> None:
-  """absl entry point: validate, then ``train.train_and_evaluate``."""
-  del argv
-  from lbsgd import validate
+    """absl entry point: validate, then ``train.train_and_evaluate``."""
+    del argv
+    from lbsgd import validate
 
-  config = FLAGS.config
-  if config is None:
-    fail("--config is required; e.g. --config=experiments/digits.py")
-  try:
-    validate.check_config(config)
-    validate.check_workdir(FLAGS.workdir)
-  except validate.ConfigError as e:
-    fail(str(e))
-  logging.getLogger("lbsgd").setLevel(logging.INFO)
-  quiet_logging()
-  init_distributed()
+    config = FLAGS.config
+    if config is None:
+        fail("--config is required; e.g. --config=experiments/digits.py")
+    try:
+        validate.check_config(config)
+        validate.check_workdir(FLAGS.workdir)
+    except validate.ConfigError as e:
+        fail(str(e))
+    logging.getLogger("lbsgd").setLevel(logging.INFO)
+    quiet_logging()
+    init_distributed()
 
-  import jax
+    import jax
 
-  try:
-    validate.check_layout(config, jax.device_count(), jax.process_count())
-  except validate.ConfigError as e:
-    fail(str(e))
+    try:
+        validate.check_layout(config, jax.device_count(), jax.process_count())
+    except validate.ConfigError as e:
+        fail(str(e))
 
-  from lbsgd import train
-  from lbsgd.data import pipeline
+    from lbsgd import train
+    from lbsgd.data import pipeline
 
-  try:
-    train.train_and_evaluate(config, FLAGS.workdir)
-  except (validate.ConfigError, pipeline.DataError) as e:
-    fail(str(e))
+    try:
+        train.train_and_evaluate(config, FLAGS.workdir)
+    except (validate.ConfigError, pipeline.DataError) as e:
+        fail(str(e))
 
 
 def _latest_checkpoint(workdir: str | None) -> str:
-  ckpts = os.path.join(workdir or "", "checkpoints")
-  steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()) if os.path.isdir(ckpts) else []
-  return f"step {steps[-1]} in {ckpts}" if steps else "none yet"
+    ckpts = os.path.join(workdir or "", "checkpoints")
+    steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()) if os.path.isdir(ckpts) else []
+    return f"step {steps[-1]} in {ckpts}" if steps else "none yet"
 
 
 def _die_with_parent() -> None:
-  """Linux: the trainer gets SIGKILL if its supervisor dies (no orphaned trainers holding ports)."""
-  try:
-    import ctypes
-    import signal
+    """Linux: the trainer gets SIGKILL if its supervisor dies (no orphaned trainers holding ports)."""
+    try:
+        import ctypes
+        import signal
 
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
-  except (OSError, AttributeError):
-    pass
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
 
 
 def supervise(argv: list[str]) -> int:
-  """Run this command as a child process and explain its death in one line.
+    """Run this command as a child process and explain its death in one line.
 
-  In a multi-process run a dead peer makes the collectives' C++ runtime abort the survivors
-  (or JAX's heartbeat terminates them after --heartbeat_timeout_s); neither can be caught in
-  Python. The parent, which imports nothing heavy, reports it and keeps the exit status non-zero.
-  """
-  import signal
-  import subprocess
+    In a multi-process run a dead peer makes the collectives' C++ runtime abort the survivors
+    (or JAX's heartbeat terminates them after --heartbeat_timeout_s); neither can be caught in
+    Python. The parent, which imports nothing heavy, reports it and keeps the exit status non-zero.
+    """
+    import signal
+    import subprocess
 
-  env = dict(os.environ, LBSGD_SUPERVISED="1")
-  child = subprocess.Popen([sys.executable, "-m", "lbsgd.main", *argv[1:]], env=env, preexec_fn=_die_with_parent)
-  for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-    signal.signal(sig, lambda signum, _frame: child.send_signal(signum))
-  code = child.wait()
-  if code not in (0, EXIT_USAGE):
-    pid = _flag_value(argv, "process_id")
-    how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-    if code < 0 and -code == signal.SIGABRT:
-      how += " (collective runtime abort: a peer process died or disconnected)"
-    print(f"lbsgd: error: process {pid} {how}; last checkpoint: {_latest_checkpoint(_flag_value(argv, 'workdir'))}; "
-          f"rerun the same command on every host to resume", file=sys.stderr, flush=True)
-    return 1 if code < 0 else code
-  return code
+    env = dict(os.environ, LBSGD_SUPERVISED="1")
+    child = subprocess.Popen([sys.executable, "-m", "lbsgd.main", *argv[1:]], env=env, preexec_fn=_die_with_parent)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: child.send_signal(signum))
+    code = child.wait()
+    if code not in (0, EXIT_USAGE):
+        pid = _flag_value(argv, "process_id")
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        if code < 0 and -code == signal.SIGABRT:
+            how += " (collective runtime abort: a peer process died or disconnected)"
+        print(
+            f"lbsgd: error: process {pid} {how}; last checkpoint: {_latest_checkpoint(_flag_value(argv, 'workdir'))}; "
+            f"rerun the same command on every host to resume",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1 if code < 0 else code
+    return code
 
 
 def run() -> None:
-  """Console-script entry (``lbsgd``)."""
-  quiet_native_logs()
-  multi = any(a.startswith(("--coordinator_address", "--num_processes", "--distributed=auto")) for a in sys.argv)
-  if multi and not os.environ.get("LBSGD_SUPERVISED"):
-    sys.exit(supervise(sys.argv))
-  app.run(main, flags_parser=parse_flags)
+    """Console-script entry (``lbsgd``)."""
+    quiet_native_logs()
+    multi = any(a.startswith(("--coordinator_address", "--num_processes", "--distributed=auto")) for a in sys.argv)
+    if multi and not os.environ.get("LBSGD_SUPERVISED"):
+        sys.exit(supervise(sys.argv))
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
-  run()
+    run()

@@ -50,9 +50,7 @@ def _epoch_to_step(epochs: float, steps_per_epoch: int) -> int:
     return n if n == x else n + 1
 
 
-def linear_scaling(
-    base_learning_rate: float, global_batch_size: int, base_batch_size: int = 256
-) -> float:
+def linear_scaling(base_learning_rate: float, global_batch_size: int, base_batch_size: int = 256) -> float:
     """Linear Scaling Rule (Goyal et al. section 2.1).
 
     "When the minibatch size is multiplied by k, multiply the learning rate by
@@ -240,9 +238,7 @@ def momentum_sgd(
 
         velocity = jax.tree.map(new_velocity, updates, state.velocity)
         if nesterov:
-            steps = jax.tree.map(
-                lambda g, v: -(lr * g + momentum * v).astype(v.dtype), updates, velocity
-            )
+            steps = jax.tree.map(lambda g, v: -(lr * g + momentum * v).astype(v.dtype), updates, velocity)
         else:
             steps = jax.tree.map(jnp.negative, velocity)
         new_state = MomentumSGDState(
@@ -388,9 +384,7 @@ def lars(
 # ---------------------------------------------------------------------------
 
 
-def from_config(
-    config: Any, steps_per_epoch: int
-) -> Tuple[optax.GradientTransformation, optax.Schedule]:
+def from_config(config: Any, steps_per_epoch: int) -> Tuple[optax.GradientTransformation, optax.Schedule]:
     """Builds ``(transform, schedule)`` from a config with attribute access.
 
     Required attributes: ``num_workers`` (k), ``per_worker_batch_size`` (n),
@@ -451,7 +445,5 @@ def from_config(
             nesterov=nesterov,
         )
     else:
-        tx = momentum_sgd(
-            schedule, momentum, nesterov=nesterov, momentum_correction=correction
-        )
+        tx = momentum_sgd(schedule, momentum, nesterov=nesterov, momentum_correction=correction)
     return tx, schedule

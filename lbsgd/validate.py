@@ -16,86 +16,104 @@ DATASETS = ("digits", "imagenet2012", "tfds:<name>", "folder:<path>")
 
 
 class ConfigError(ValueError):
-  """An invalid configuration; ``str(e)`` is a one-line message saying what is wrong and how to fix it."""
+    """An invalid configuration; ``str(e)`` is a one-line message saying what is wrong and how to fix it."""
 
 
 def _choice(config, field, choices, shown=None):
-  value = config.get(field)
-  if value not in choices:
-    raise ConfigError(f"config.{field}={value!r} is unknown; use one of: {', '.join(shown or choices)}")
+    value = config.get(field)
+    if value not in choices:
+        raise ConfigError(f"config.{field}={value!r} is unknown; use one of: {', '.join(shown or choices)}")
 
 
 def _positive(config, field, kind=(int,)):
-  value = config.get(field)
-  if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
-    raise ConfigError(f"config.{field}={value!r} must be a positive number; set --config.{field}=<value > 0>")
+    value = config.get(field)
+    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+        raise ConfigError(f"config.{field}={value!r} must be a positive number; set --config.{field}=<value > 0>")
 
 
 def check_config(config) -> None:
-  """Static checks of names and values (no devices, no data)."""
-  from lbsgd.models import resnet
+    """Static checks of names and values (no devices, no data)."""
+    from lbsgd.models import resnet
 
-  for field in ("num_workers", "per_worker_batch_size", "num_epochs", "image_size", "eval_batch_size",
-                "log_every_steps", "checkpoint_every_steps"):
-    _positive(config, field)
-  for field in ("accumulation_steps", "max_device_batch"):
-    value = config.get(field, 0)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-      raise ConfigError(f"config.{field}={value!r} must be 0 (automatic) or a positive integer")
-  _positive(config, "base_learning_rate", (int, float))
-  _positive(config, "bucket_mb", (int, float))
-  if not isinstance(config.get("num_devices"), int) or config.num_devices < 0:
-    raise ConfigError(f"config.num_devices={config.get('num_devices')!r} must be 0 (all devices) or a positive count")
-  ds = config.get("dataset")
-  if not isinstance(ds, str) or not (ds in ("digits", "imagenet2012") or
-                                     (ds.startswith(("tfds:", "folder:")) and len(ds.split(":", 1)[1]) > 0)):
-    raise ConfigError(f"config.dataset={ds!r} is unknown; use one of: {', '.join(DATASETS)}")
-  _choice(config, "strategy", STRATEGIES)
-  _choice(config, "aggregation", AGGREGATIONS)
-  _choice(config, "warmup", WARMUPS)
-  _choice(config, "decay", DECAYS)
-  _choice(config, "optimizer", OPTIMIZERS)
-  _choice(config, "dtype", DTYPES)
-  _choice(config, "augment", AUGMENTATIONS)
-  _choice(config, "model", tuple(resnet.ARCHITECTURES))
-  if config.get("warmup_epochs", 0) < 0:
-    raise ConfigError(f"config.warmup_epochs={config.warmup_epochs!r} must be >= 0")
+    for field in (
+        "num_workers",
+        "per_worker_batch_size",
+        "num_epochs",
+        "image_size",
+        "eval_batch_size",
+        "log_every_steps",
+        "checkpoint_every_steps",
+    ):
+        _positive(config, field)
+    for field in ("accumulation_steps", "max_device_batch"):
+        value = config.get(field, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"config.{field}={value!r} must be 0 (automatic) or a positive integer")
+    _positive(config, "base_learning_rate", (int, float))
+    _positive(config, "bucket_mb", (int, float))
+    if not isinstance(config.get("num_devices"), int) or config.num_devices < 0:
+        raise ConfigError(
+            f"config.num_devices={config.get('num_devices')!r} must be 0 (all devices) or a positive count"
+        )
+    ds = config.get("dataset")
+    if not isinstance(ds, str) or not (
+        ds in ("digits", "imagenet2012") or (ds.startswith(("tfds:", "folder:")) and len(ds.split(":", 1)[1]) > 0)
+    ):
+        raise ConfigError(f"config.dataset={ds!r} is unknown; use one of: {', '.join(DATASETS)}")
+    _choice(config, "strategy", STRATEGIES)
+    _choice(config, "aggregation", AGGREGATIONS)
+    _choice(config, "warmup", WARMUPS)
+    _choice(config, "decay", DECAYS)
+    _choice(config, "optimizer", OPTIMIZERS)
+    _choice(config, "dtype", DTYPES)
+    _choice(config, "augment", AUGMENTATIONS)
+    _choice(config, "model", tuple(resnet.ARCHITECTURES))
+    if config.get("warmup_epochs", 0) < 0:
+        raise ConfigError(f"config.warmup_epochs={config.warmup_epochs!r} must be >= 0")
 
 
 def check_layout(config, num_devices_available: int, num_processes: int = 1) -> None:
-  """k must be a positive multiple of the device count in use (which must exist)."""
-  d = config.num_devices or num_devices_available
-  if d > num_devices_available:
-    raise ConfigError(f"config.num_devices={d} but only {num_devices_available} devices exist; "
-                      f"use --config.num_devices=0 (all) or at most {num_devices_available}")
-  if d % num_processes:
-    raise ConfigError(f"config.num_devices={d} must be a multiple of the {num_processes} processes")
-  k = config.num_workers
-  if k < d or k % d:
-    raise ConfigError(f"config.num_workers={k} must be a multiple of the {d} devices in use; set "
-                      f"--config.num_workers to a multiple of {d} or --config.num_devices to a divisor of {k}")
-  m = k // d
-  if config.accumulation_steps and m % config.accumulation_steps:
-    raise ConfigError(f"config.accumulation_steps={config.accumulation_steps} must divide the {m} workers per "
-                      f"device (k={k} / d={d})")
+    """k must be a positive multiple of the device count in use (which must exist)."""
+    d = config.num_devices or num_devices_available
+    if d > num_devices_available:
+        raise ConfigError(
+            f"config.num_devices={d} but only {num_devices_available} devices exist; "
+            f"use --config.num_devices=0 (all) or at most {num_devices_available}"
+        )
+    if d % num_processes:
+        raise ConfigError(f"config.num_devices={d} must be a multiple of the {num_processes} processes")
+    k = config.num_workers
+    if k < d or k % d:
+        raise ConfigError(
+            f"config.num_workers={k} must be a multiple of the {d} devices in use; set "
+            f"--config.num_workers to a multiple of {d} or --config.num_devices to a divisor of {k}"
+        )
+    m = k // d
+    if config.accumulation_steps and m % config.accumulation_steps:
+        raise ConfigError(
+            f"config.accumulation_steps={config.accumulation_steps} must divide the {m} workers per "
+            f"device (k={k} / d={d})"
+        )
 
 
 def check_dataset(config, num_train_examples: int) -> None:
-  """The global minibatch kn must fit in the training set."""
-  kn = config.num_workers * config.per_worker_batch_size
-  if kn > num_train_examples:
-    raise ConfigError(f"global batch num_workers*per_worker_batch_size={kn} is larger than the "
-                      f"{num_train_examples} training examples of {config.dataset}; lower --config.num_workers "
-                      f"or --config.per_worker_batch_size")
+    """The global minibatch kn must fit in the training set."""
+    kn = config.num_workers * config.per_worker_batch_size
+    if kn > num_train_examples:
+        raise ConfigError(
+            f"global batch num_workers*per_worker_batch_size={kn} is larger than the "
+            f"{num_train_examples} training examples of {config.dataset}; lower --config.num_workers "
+            f"or --config.per_worker_batch_size"
+        )
 
 
 def check_workdir(workdir: str) -> None:
-  """The workdir must be creatable and writable."""
-  if not workdir:
-    raise ConfigError("--workdir is required; pass --workdir=<a writable directory>")
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test"):
-      pass
-  except OSError as e:
-    raise ConfigError(f"--workdir={workdir} is not writable ({e.strerror or e}); choose another --workdir") from e
+    """The workdir must be creatable and writable."""
+    if not workdir:
+        raise ConfigError("--workdir is required; pass --workdir=<a writable directory>")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--workdir={workdir} is not writable ({e.strerror or e}); choose another --workdir") from e

@@ -22,34 +22,40 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-  """A TFDS data dir with the digits builder prepared once for the whole session."""
-  path = str(tmp_path_factory.mktemp("tfds"))
-  from lbsgd.data import digits
+    """A TFDS data dir with the digits builder prepared once for the whole session."""
+    path = str(tmp_path_factory.mktemp("tfds"))
+    from lbsgd.data import digits
 
-  digits.builder(path)
-  return path
+    digits.builder(path)
+    return path
 
 
 def tiny_config(data_dir, **overrides):
-  """The digits config shrunk to a few fast steps (resnet8, width 8)."""
-  sys.path.insert(0, REPO)
-  from experiments import digits as digits_cfg
+    """The digits config shrunk to a few fast steps (resnet8, width 8)."""
+    sys.path.insert(0, REPO)
+    from experiments import digits as digits_cfg
 
-  c = digits_cfg.get_config()
-  c.data_dir = data_dir
-  c.model, c.model_width = "resnet8", 8
-  c.per_worker_batch_size = 4
-  c.num_epochs = 1
-  c.log_every_steps = 2
-  c.eval_every_epochs = 0
-  c.checkpoint_every_steps = 2
-  for k, v in overrides.items():
-    setattr(c, k, v)
-  return c
+    c = digits_cfg.get_config()
+    c.data_dir = data_dir
+    c.model, c.model_width = "resnet8", 8
+    c.per_worker_batch_size = 4
+    c.num_epochs = 1
+    c.log_every_steps = 2
+    c.eval_every_epochs = 0
+    c.checkpoint_every_steps = 2
+    for k, v in overrides.items():
+        setattr(c, k, v)
+    return c
 
 
 def run_main(*args, env=None, timeout=300):
-  """Run ``python -m lbsgd.main`` in a subprocess; returns CompletedProcess (text)."""
-  full_env = dict(os.environ, **(env or {}))
-  return subprocess.run([sys.executable, "-m", "lbsgd.main", *args], cwd=REPO, env=full_env,
-                        capture_output=True, text=True, timeout=timeout)
+    """Run ``python -m lbsgd.main`` in a subprocess; returns CompletedProcess (text)."""
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "lbsgd.main", *args],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -49,7 +49,7 @@ def _worker_data(p, seed):
     for name, (shape, dt) in _leaf_shapes().items():
         full = (p,) + shape
         if dt == np.int32:
-            out[name] = rng.randint(-10**6, 10**6, size=full).astype(np.int32)
+            out[name] = rng.randint(-(10**6), 10**6, size=full).astype(np.int32)
         elif dt == jnp.bfloat16:
             # small integers: every partial sum is exact in bfloat16, so all
             # summation orders must agree bit for bit
@@ -70,12 +70,10 @@ def test_every_method_equals_psum_and_host_sum(p):
         mine = jax.tree.map(lambda v: v[0], tree)
         outs = {"ref": jax.lax.psum(mine, "w")}
         for m, b in settings:
-            outs[f"{m}/{b}"] = agg.allreduce_sum(mine, "w", method=m,
-                                                 bucket_mb=b)
+            outs[f"{m}/{b}"] = agg.allreduce_sum(mine, "w", method=m, bucket_mb=b)
         return jax.tree.map(lambda v: v[None], outs)
 
-    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("w"),
-                              out_specs=P("w")))
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("w"), out_specs=P("w")))
     outs = jax.device_get(jax.block_until_ready(f(x)))
 
     for key, got_tree in outs.items():
@@ -85,8 +83,7 @@ def test_every_method_equals_psum_and_host_sum(p):
             assert got.shape == data.shape, (key, name)
             assert got.dtype == data.dtype, (key, name)
             # every worker holds the same result
-            np.testing.assert_array_equal(got, np.broadcast_to(got[:1],
-                                                               got.shape))
+            np.testing.assert_array_equal(got, np.broadcast_to(got[:1], got.shape))
             res = np.asarray(got[0], np.float64)
             exp64 = np.asarray(data, np.float64).sum(0)
             if data.dtype in (np.int32, jnp.bfloat16):  # exact sums
@@ -100,16 +97,13 @@ def test_every_method_equals_psum_and_host_sum(p):
 
 
 @pytest.mark.parametrize("method", ["ring", "halving_doubling"])
-@pytest.mark.parametrize("p,n", [(3, 1), (5, 2), (6, 13), (7, 4), (8, 3),
-                                 (8, 1001)])
+@pytest.mark.parametrize("p,n", [(3, 1), (5, 2), (6, 13), (7, 4), (8, 3), (8, 1001)])
 def test_flat_buffers_any_length(method, p, n):
     """Flat API: odd lengths and buffers with fewer than p elements."""
     mesh = _mesh(p)
     host = np.random.RandomState(n).randint(-99, 99, (p, n)).astype(np.int32)
-    fn = {"ring": agg.ring_allreduce,
-          "halving_doubling": agg.halving_doubling_allreduce}[method]
-    f = jax.jit(jax.shard_map(lambda v: fn(v[0], "w", axis_size=p)[None],
-                              mesh=mesh, in_specs=P("w"), out_specs=P("w")))
+    fn = {"ring": agg.ring_allreduce, "halving_doubling": agg.halving_doubling_allreduce}[method]
+    f = jax.jit(jax.shard_map(lambda v: fn(v[0], "w", axis_size=p)[None], mesh=mesh, in_specs=P("w"), out_specs=P("w")))
     got = np.asarray(jax.block_until_ready(f(jnp.asarray(host))))
     np.testing.assert_array_equal(got, np.broadcast_to(host.sum(0), (p, n)))
 
@@ -137,9 +131,11 @@ def _count(jaxpr, prim):
 
 def _jaxpr(p, method, tree, bucket_mb=None):
     f = jax.shard_map(
-        lambda t: agg.allreduce_sum(t, "w", method=method,
-                                    bucket_mb=bucket_mb),
-        mesh=_mesh(p), in_specs=P("w"), out_specs=P("w"))
+        lambda t: agg.allreduce_sum(t, "w", method=method, bucket_mb=bucket_mb),
+        mesh=_mesh(p),
+        in_specs=P("w"),
+        out_specs=P("w"),
+    )
     return jax.make_jaxpr(f)(tree).jaxpr
 
 
@@ -163,14 +159,12 @@ def test_one_collective_per_bucket_not_per_leaf():
     # 12 float32 leaves of 1 KiB each + 1 int32 leaf; 4 KiB buckets -> 3 + 1
     tree = {f"w{i:02d}": jnp.zeros((p * 256,), jnp.float32) for i in range(12)}
     tree["step"] = jnp.zeros((p * 4,), jnp.int32)
-    local = jax.tree.map(lambda v: jax.ShapeDtypeStruct((v.shape[0] // p,),
-                                                        v.dtype), tree)
+    local = jax.tree.map(lambda v: jax.ShapeDtypeStruct((v.shape[0] // p,), v.dtype), tree)
     bucket_mb = 4096 / agg.MIB
     assert len(agg.plan_buckets(local, bucket_mb)) == 4
     assert _count(_jaxpr(p, "psum", tree, bucket_mb), "psum") == 4
     assert _count(_jaxpr(p, "ring", tree, bucket_mb), "ppermute") == 4 * 6
-    assert _count(_jaxpr(p, "halving_doubling", tree, bucket_mb),
-                  "ppermute") == 4 * 4
+    assert _count(_jaxpr(p, "halving_doubling", tree, bucket_mb), "ppermute") == 4 * 4
 
 
 # -- bucketing ----------------------------------------------------------------
@@ -183,18 +177,17 @@ def _sds(n, dt):
 def test_plan_buckets_hand_count():
     kib = 1024 // 4  # float32 elements per KiB
     tree = {  # leaves in key order: a b c d e f
-        "a": _sds(1024 * kib, jnp.float32),      # 1 MiB
-        "b": _sds(512 * kib, jnp.float32),       # 0.5 MiB
+        "a": _sds(1024 * kib, jnp.float32),  # 1 MiB
+        "b": _sds(512 * kib, jnp.float32),  # 0.5 MiB
         "c": _sds(3 * 1024 * kib, jnp.float32),  # 3 MiB, above the limit
-        "d": _sds(1024, jnp.bfloat16),           # 2 KiB
+        "d": _sds(1024, jnp.bfloat16),  # 2 KiB
         "e": _sds(10, jnp.int32),
-        "f": _sds(kib, jnp.float32),             # 1 KiB
+        "f": _sds(kib, jnp.float32),  # 1 KiB
     }
     # 1.5 MiB: [a b] [c] [d] [e] [f]  (c is alone; f cannot join c)
     b15 = agg.plan_buckets(tree, 1.5)
     assert [b.leaves for b in b15] == [(0, 1), (2,), (3,), (4,), (5,)]
-    assert [np.dtype(b.dtype) for b in b15] == [
-        np.float32, np.float32, np.dtype(jnp.bfloat16), np.int32, np.float32]
+    assert [np.dtype(b.dtype) for b in b15] == [np.float32, np.float32, np.dtype(jnp.bfloat16), np.int32, np.float32]
     assert b15[0].nbytes == int(1.5 * agg.MIB)
     # 0.5 MiB: every float32 leaf alone: [a] [b] [c] [d] [e] [f]
     assert len(agg.plan_buckets(tree, 0.5)) == 6
@@ -221,13 +214,11 @@ def test_flatten_unflatten_round_trip():
         flat = agg.flatten_buckets(leaves, buckets)
         assert all(f.ndim == 1 for f in flat)
         assert sum(f.size for f in flat) == sum(np.size(l) for l in leaves)
-        back = jax.tree.unflatten(
-            treedef, agg.unflatten_buckets(flat, buckets, leaves))
+        back = jax.tree.unflatten(treedef, agg.unflatten_buckets(flat, buckets, leaves))
         for k in tree:
             assert np.shape(back[k]) == np.shape(tree[k])
             assert back[k].dtype == np.asarray(tree[k]).dtype
-            np.testing.assert_array_equal(np.asarray(back[k]),
-                                          np.asarray(tree[k]))
+            np.testing.assert_array_equal(np.asarray(back[k]), np.asarray(tree[k]))
 
 
 def test_unknown_method_names_config_key():
@@ -240,9 +231,9 @@ def test_unknown_method_names_config_key():
 
 def _run(*args):
     env = dict(os.environ, PYTHONPATH=REPO)
-    return subprocess.run([sys.executable, "-m", "lbsgd.bench", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "lbsgd.bench", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_bench_unknown_subcommand_one_line():
@@ -253,7 +244,6 @@ def test_bench_unknown_subcommand_one_line():
 
 def test_bench_allreduce_smoke(tmp_path):
     out = tmp_path / "r.json"
-    r = _run("allreduce", "--sizes", "1KB", "--devices", "3",
-             "--repeats", "1", "--json", str(out))
+    r = _run("allreduce", "--sizes", "1KB", "--devices", "3", "--repeats", "1", "--json", str(out))
     assert r.returncode == 0, r.stderr
     assert "device kind" in r.stdout and out.exists()

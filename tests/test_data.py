@@ -11,119 +11,127 @@ K, N = 8, 16
 
 
 def test_worker_batches_is_one_permutation_per_epoch_cut_into_workers():
-  b = order.worker_batches(1437, K, N, seed=3, epoch=5)
-  assert b.shape == (1437 // (K * N), K, N)  # partial last batch dropped
-  flat = b.reshape(-1)
-  assert len(np.unique(flat)) == flat.size  # every example at most once per epoch
-  assert flat.min() >= 0 and flat.max() < 1437
-  # The cut is of one permutation: workers' slices are consecutive pieces of it.
-  np.testing.assert_array_equal(flat, order.epoch_permutation(1437, 3, 5)[: flat.size])
+    b = order.worker_batches(1437, K, N, seed=3, epoch=5)
+    assert b.shape == (1437 // (K * N), K, N)  # partial last batch dropped
+    flat = b.reshape(-1)
+    assert len(np.unique(flat)) == flat.size  # every example at most once per epoch
+    assert flat.min() >= 0 and flat.max() < 1437
+    # The cut is of one permutation: workers' slices are consecutive pieces of it.
+    np.testing.assert_array_equal(flat, order.epoch_permutation(1437, 3, 5)[: flat.size])
 
 
 def test_order_depends_on_seed_and_epoch_only():
-  a = order.worker_batches(1000, 4, 8, seed=1, epoch=2)
-  np.testing.assert_array_equal(a, order.worker_batches(1000, 4, 8, seed=1, epoch=2))
-  assert not np.array_equal(a, order.worker_batches(1000, 4, 8, seed=1, epoch=3))
-  assert not np.array_equal(a, order.worker_batches(1000, 4, 8, seed=2, epoch=2))
-  # Changing k while keeping kn regroups the same examples: the epoch order is the same.
-  np.testing.assert_array_equal(a.reshape(-1), order.worker_batches(1000, 8, 4, seed=1, epoch=2).reshape(-1))
+    a = order.worker_batches(1000, 4, 8, seed=1, epoch=2)
+    np.testing.assert_array_equal(a, order.worker_batches(1000, 4, 8, seed=1, epoch=2))
+    assert not np.array_equal(a, order.worker_batches(1000, 4, 8, seed=1, epoch=3))
+    assert not np.array_equal(a, order.worker_batches(1000, 4, 8, seed=2, epoch=2))
+    # Changing k while keeping kn regroups the same examples: the epoch order is the same.
+    np.testing.assert_array_equal(a.reshape(-1), order.worker_batches(1000, 8, 4, seed=1, epoch=2).reshape(-1))
 
 
 def test_eval_batches_cover_every_example_once():
-  idx, mask = order.eval_batches(360, 128)
-  assert idx.shape == (3, 128)
-  assert mask.sum() == 360
-  np.testing.assert_array_equal(np.sort(idx[mask > 0]), np.arange(360))
+    idx, mask = order.eval_batches(360, 128)
+    assert idx.shape == (3, 128)
+    assert mask.sum() == 360
+    np.testing.assert_array_equal(np.sort(idx[mask > 0]), np.arange(360))
 
 
 def test_digits_split_is_fixed_stratified_and_disjoint():
-  train, test = digits.split_indices()
-  assert len(train) == 1437 and len(test) == 360
-  assert not set(train) & set(test)
-  from sklearn.datasets import load_digits
+    train, test = digits.split_indices()
+    assert len(train) == 1437 and len(test) == 360
+    assert not set(train) & set(test)
+    from sklearn.datasets import load_digits
 
-  y = load_digits().target
-  counts = np.bincount(y[test], minlength=10)
-  assert counts.min() >= 35 and counts.max() <= 37  # stratified: ~36 per class
-  np.testing.assert_array_equal(test, digits.split_indices()[1])
+    y = load_digits().target
+    counts = np.bincount(y[test], minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37  # stratified: ~36 per class
+    np.testing.assert_array_equal(test, digits.split_indices()[1])
 
 
 @pytest.fixture(scope="module")
 def ds(data_dir):
-  return pipeline.load("digits", data_dir)
+    return pipeline.load("digits", data_dir)
 
 
 def _labels_by_index(data_dir, split):
-  import tensorflow_datasets as tfds
 
-  source = digits.builder(data_dir).as_data_source(split=split)
-  return np.array([int(source[i]["label"]) for i in range(len(source))]), source
+    source = digits.builder(data_dir).as_data_source(split=split)
+    return np.array([int(source[i]["label"]) for i in range(len(source))]), source
 
 
 def _take(ds, steps, **kw):
-  args = dict(num_workers=K, per_worker_batch_size=N, seed=0, first_worker=0, num_local_workers=K,
-              start_step=0, augment="none", image_size=8)
-  args.update(kw)
-  return list(itertools.islice(pipeline.train_iterator(ds, **args), steps))
+    args = dict(
+        num_workers=K,
+        per_worker_batch_size=N,
+        seed=0,
+        first_worker=0,
+        num_local_workers=K,
+        start_step=0,
+        augment="none",
+        image_size=8,
+    )
+    args.update(kw)
+    return list(itertools.islice(pipeline.train_iterator(ds, **args), steps))
 
 
 @pytest.mark.parametrize("processes", [2, 4, 8])
 def test_each_process_reads_only_its_workers_and_together_they_read_the_global_order(ds, processes):
-  steps = 13  # crosses the epoch boundary (11 steps per epoch)
-  whole = _take(ds, steps)
-  per = K // processes
-  parts = [_take(ds, steps, first_worker=p * per, num_local_workers=per) for p in range(processes)]
-  for s in range(steps):
-    np.testing.assert_array_equal(np.concatenate([p[s]["label"] for p in parts]), whole[s]["label"])
-    np.testing.assert_array_equal(np.concatenate([p[s]["image"] for p in parts]), whole[s]["image"])
+    steps = 13  # crosses the epoch boundary (11 steps per epoch)
+    whole = _take(ds, steps)
+    per = K // processes
+    parts = [_take(ds, steps, first_worker=p * per, num_local_workers=per) for p in range(processes)]
+    for s in range(steps):
+        np.testing.assert_array_equal(np.concatenate([p[s]["label"] for p in parts]), whole[s]["label"])
+        np.testing.assert_array_equal(np.concatenate([p[s]["image"] for p in parts]), whole[s]["image"])
 
 
 def test_batches_hold_the_examples_remark4_assigns(ds, data_dir):
-  labels, _ = _labels_by_index(data_dir, "train")
-  got = _take(ds, 12)
-  for s, b in enumerate(got):
-    epoch, i = divmod(s, 11)
-    want = order.worker_batches(1437, K, N, 0, epoch)[i].reshape(-1)
-    np.testing.assert_array_equal(b["label"], labels[want])
+    labels, _ = _labels_by_index(data_dir, "train")
+    got = _take(ds, 12)
+    for s, b in enumerate(got):
+        epoch, i = divmod(s, 11)
+        want = order.worker_batches(1437, K, N, 0, epoch)[i].reshape(-1)
+        np.testing.assert_array_equal(b["label"], labels[want])
 
 
 def test_resuming_at_a_step_gives_the_same_batches(ds):
-  ref = _take(ds, 14, augment="shift")
-  resumed = _take(ds, 4, augment="shift", start_step=10)
-  for a, b in zip(ref[10:], resumed):
-    np.testing.assert_array_equal(a["image"], b["image"])
-    np.testing.assert_array_equal(a["label"], b["label"])
+    ref = _take(ds, 14, augment="shift")
+    resumed = _take(ds, 4, augment="shift", start_step=10)
+    for a, b in zip(ref[10:], resumed):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
 
 
 def test_shift_augmentation_is_a_one_pixel_translation(ds):
-  plain = _take(ds, 1)[0]["image"]
-  shifted = _take(ds, 1, augment="shift")[0]["image"]
-  background = plain.min()  # a zero pixel after normalisation (digits have zero borders)
-  moved = 0
-  for x, y in zip(plain, shifted):
-    matches = []
-    for dy, dx in itertools.product((-1, 0, 1), repeat=2):
-      padded = np.pad(x[..., 0], 1, constant_values=background)
-      cand = padded[1 + dy:9 + dy, 1 + dx:9 + dx]
-      matches.append(np.allclose(cand, y[..., 0], atol=1e-6))
-    assert any(matches)
-    moved += not matches[4]  # index 4 is (0, 0)
-  assert moved > len(plain) // 2  # 8 of 9 offsets move the image
+    plain = _take(ds, 1)[0]["image"]
+    shifted = _take(ds, 1, augment="shift")[0]["image"]
+    background = plain.min()  # a zero pixel after normalisation (digits have zero borders)
+    moved = 0
+    for x, y in zip(plain, shifted):
+        matches = []
+        for dy, dx in itertools.product((-1, 0, 1), repeat=2):
+            padded = np.pad(x[..., 0], 1, constant_values=background)
+            cand = padded[1 + dy : 9 + dy, 1 + dx : 9 + dx]
+            matches.append(np.allclose(cand, y[..., 0], atol=1e-6))
+        assert any(matches)
+        moved += not matches[4]  # index 4 is (0, 0)
+    assert moved > len(plain) // 2  # 8 of 9 offsets move the image
 
 
 def test_eval_iterator_reads_every_test_example_once_across_processes(ds, data_dir):
-  labels, _ = _labels_by_index(data_dir, "test")
-  got_labels, got_mask = [], []
-  slots = 32  # 4 "processes" x 32 slots = global eval batch 128
-  for p in range(4):
-    for b in pipeline.eval_iterator(ds, global_batch_size=128, first_slot=p * slots, num_local_slots=slots,
-                                    augment="none", image_size=8):
-      got_labels.append(b["label"][b["mask"] > 0])
-      got_mask.append(b["mask"])
-  assert np.concatenate(got_mask).sum() == 360
-  np.testing.assert_array_equal(np.sort(np.concatenate(got_labels)), np.sort(labels))
+    labels, _ = _labels_by_index(data_dir, "test")
+    got_labels, got_mask = [], []
+    slots = 32  # 4 "processes" x 32 slots = global eval batch 128
+    for p in range(4):
+        for b in pipeline.eval_iterator(
+            ds, global_batch_size=128, first_slot=p * slots, num_local_slots=slots, augment="none", image_size=8
+        ):
+            got_labels.append(b["label"][b["mask"] > 0])
+            got_mask.append(b["mask"])
+    assert np.concatenate(got_mask).sum() == 360
+    np.testing.assert_array_equal(np.sort(np.concatenate(got_labels)), np.sort(labels))
 
 
 def test_unknown_dataset_is_a_clear_error():
-  with pytest.raises(pipeline.DataError, match="unknown dataset"):
-    pipeline.load("mnist-but-typo")
+    with pytest.raises(pipeline.DataError, match="unknown dataset"):
+        pipeline.load("mnist-but-typo")

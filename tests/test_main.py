@@ -13,8 +13,13 @@ import pytest
 from conftest import REPO, run_main
 
 DIGITS = "--config=experiments/digits.py"
-TINY = ["--config.model=resnet8", "--config.model_width=8", "--config.per_worker_batch_size=4",
-        "--config.log_every_steps=4", "--config.eval_every_epochs=0"]
+TINY = [
+    "--config.model=resnet8",
+    "--config.model_width=8",
+    "--config.per_worker_batch_size=4",
+    "--config.log_every_steps=4",
+    "--config.eval_every_epochs=0",
+]
 
 BAD_INPUTS = {
     "workers_not_multiple_of_devices": (["--config.num_workers=6"], "config.num_workers=6"),
@@ -36,82 +41,114 @@ BAD_INPUTS = {
 
 @pytest.fixture(scope="module")
 def bad_runs(tmp_path_factory, data_dir):
-  """Run every bad input once, a few at a time (each is a separate `python -m lbsgd.main`)."""
-  tmp = tmp_path_factory.mktemp("bad")
-  blocker = tmp / "a_file"
-  blocker.write_text("not a directory")
+    """Run every bad input once, a few at a time (each is a separate `python -m lbsgd.main`)."""
+    tmp = tmp_path_factory.mktemp("bad")
+    blocker = tmp / "a_file"
+    blocker.write_text("not a directory")
 
-  def one(name):
-    extra, _ = BAD_INPUTS[name]
-    extra = [a.replace("{file}", str(blocker)) for a in extra]
-    args = [DIGITS, f"--workdir={tmp / name}", f"--config.data_dir={data_dir}"]
-    args = [a for a in args if not (a.startswith("--config=") and any(e.startswith("--config=") for e in extra))]
-    args = [a for a in args if not (a.startswith("--workdir") and any(e.startswith("--workdir") for e in extra))]
-    return name, run_main(*args, *extra, timeout=120)
+    def one(name):
+        extra, _ = BAD_INPUTS[name]
+        extra = [a.replace("{file}", str(blocker)) for a in extra]
+        args = [DIGITS, f"--workdir={tmp / name}", f"--config.data_dir={data_dir}"]
+        args = [a for a in args if not (a.startswith("--config=") and any(e.startswith("--config=") for e in extra))]
+        args = [a for a in args if not (a.startswith("--workdir") and any(e.startswith("--workdir") for e in extra))]
+        return name, run_main(*args, *extra, timeout=120)
 
-  with concurrent.futures.ThreadPoolExecutor(4) as pool:
-    return dict(pool.map(one, BAD_INPUTS))
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        return dict(pool.map(one, BAD_INPUTS))
 
 
 @pytest.mark.parametrize("name", sorted(BAD_INPUTS))
 def test_bad_input_is_one_line_and_exit_2(bad_runs, name):
-  proc = bad_runs[name]
-  _, expected = BAD_INPUTS[name]
-  lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-  assert proc.returncode == 2, proc.stderr
-  assert "Traceback" not in proc.stderr
-  assert len(lines) == 1, proc.stderr
-  assert lines[0].startswith("lbsgd: error: ") and expected in lines[0], lines[0]
+    proc = bad_runs[name]
+    _, expected = BAD_INPUTS[name]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("lbsgd: error: ") and expected in lines[0], lines[0]
 
 
 def _read(path):
-  with open(path) as f:
-    return json.load(f)
+    with open(path) as f:
+        return json.load(f)
 
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, data_dir):
-  """An uninterrupted short run (2 epochs of k=8 x n=4 = 88 steps)."""
-  workdir = tmp_path_factory.mktemp("ref")
-  proc = run_main(DIGITS, f"--workdir={workdir}", f"--config.data_dir={data_dir}", *TINY,
-                  "--config.num_epochs=2", "--config.checkpoint_every_steps=8")
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return workdir, _read(workdir / "results.json")
+    """An uninterrupted short run (2 epochs of k=8 x n=4 = 88 steps)."""
+    workdir = tmp_path_factory.mktemp("ref")
+    proc = run_main(
+        DIGITS,
+        f"--workdir={workdir}",
+        f"--config.data_dir={data_dir}",
+        *TINY,
+        "--config.num_epochs=2",
+        "--config.checkpoint_every_steps=8",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir, _read(workdir / "results.json")
 
 
 def test_main_job_writes_results_events_and_checkpoints(reference_run):
-  workdir, results = reference_run
-  for field in ("eval_accuracy", "eval_loss", "train_loss", "steps", "epochs", "global_batch_size", "num_workers",
-                "devices", "processes", "wall_time_s", "images_per_second"):
-    assert field in results, field
-  assert results["steps"] == 2 * (1437 // 32) and results["epochs"] == 2.0
-  assert results["global_batch_size"] == 32 and results["num_workers"] == 8 and results["devices"] == 8
-  assert results["eval_examples"] == 360
-  assert 0.3 < results["eval_accuracy"] <= 1.0  # 2 tiny epochs already learn something (chance is 0.1)
-  assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
-  kept = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
-  assert kept[-1] == results["steps"] and len(kept) == 3  # keep the last 3
+    workdir, results = reference_run
+    for field in (
+        "eval_accuracy",
+        "eval_loss",
+        "train_loss",
+        "steps",
+        "epochs",
+        "global_batch_size",
+        "num_workers",
+        "devices",
+        "processes",
+        "wall_time_s",
+        "images_per_second",
+    ):
+        assert field in results, field
+    assert results["steps"] == 2 * (1437 // 32) and results["epochs"] == 2.0
+    assert results["global_batch_size"] == 32 and results["num_workers"] == 8 and results["devices"] == 8
+    assert results["eval_examples"] == 360
+    assert 0.3 < results["eval_accuracy"] <= 1.0  # 2 tiny epochs already learn something (chance is 0.1)
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+    kept = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+    assert kept[-1] == results["steps"] and len(kept) == 3  # keep the last 3
 
 
 def test_killed_run_resumes_to_the_same_result(reference_run, tmp_path, data_dir):
-  _, want = reference_run
-  args = [sys.executable, "-m", "lbsgd.main", DIGITS, f"--workdir={tmp_path}", f"--config.data_dir={data_dir}",
-          *TINY, "--config.num_epochs=2", "--config.checkpoint_every_steps=8"]
-  proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  ckpts = tmp_path / "checkpoints"
-  deadline = time.time() + 240
-  while time.time() < deadline and proc.poll() is None:
-    if ckpts.exists() and any(d.isdigit() and int(d) >= 16 for d in os.listdir(ckpts)):
-      break
-    time.sleep(0.05)
-  assert proc.poll() is None, "the run finished before it could be interrupted"
-  proc.send_signal(signal.SIGKILL)  # a crash: no clean-up, maybe mid-save
-  proc.wait()
-  assert not (tmp_path / "results.json").exists()
-  rerun = run_main(DIGITS, f"--workdir={tmp_path}", f"--config.data_dir={data_dir}", *TINY,
-                   "--config.num_epochs=2", "--config.checkpoint_every_steps=8")
-  assert rerun.returncode == 0, rerun.stderr[-3000:]
-  assert "resumed from checkpoint at step" in rerun.stderr
-  got = _read(tmp_path / "results.json")
-  for field in ("eval_accuracy", "eval_loss", "train_loss", "steps", "epochs"):
-    assert got[field] == pytest.approx(want[field], rel=1e-6, abs=1e-7), field
+    _, want = reference_run
+    args = [
+        sys.executable,
+        "-m",
+        "lbsgd.main",
+        DIGITS,
+        f"--workdir={tmp_path}",
+        f"--config.data_dir={data_dir}",
+        *TINY,
+        "--config.num_epochs=2",
+        "--config.checkpoint_every_steps=8",
+    ]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if ckpts.exists() and any(d.isdigit() and int(d) >= 16 for d in os.listdir(ckpts)):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)  # a crash: no clean-up, maybe mid-save
+    proc.wait()
+    assert not (tmp_path / "results.json").exists()
+    rerun = run_main(
+        DIGITS,
+        f"--workdir={tmp_path}",
+        f"--config.data_dir={data_dir}",
+        *TINY,
+        "--config.num_epochs=2",
+        "--config.checkpoint_every_steps=8",
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resumed from checkpoint at step" in rerun.stderr
+    got = _read(tmp_path / "results.json")
+    for field in ("eval_accuracy", "eval_loss", "train_loss", "steps", "epochs"):
+        assert got[field] == pytest.approx(want[field], rel=1e-6, abs=1e-7), field

@@ -10,76 +10,83 @@ from lbsgd.models import resnet
 
 
 def _init(name, size, **kw):
-  model = resnet.create_model(name, num_classes=kw.pop("num_classes", 10), **kw)
-  variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), train=False))()
-  return model, variables
+    model = resnet.create_model(name, num_classes=kw.pop("num_classes", 10), **kw)
+    variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), train=False))()
+    return model, variables
 
 
 def _count(tree):
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize("name,classes,want", [
-    ("resnet20", 10, 272_474),     # He et al. 2016 §4.2: "0.27M" (3-channel input)
-    ("resnet18", 1000, 11_689_512),  # torchvision's resnet18, the same architecture
-])
+@pytest.mark.parametrize(
+    "name,classes,want",
+    [
+        ("resnet20", 10, 272_474),  # He et al. 2016 §4.2: "0.27M" (3-channel input)
+        ("resnet18", 1000, 11_689_512),  # torchvision's resnet18, the same architecture
+    ],
+)
 def test_parameter_counts_match_published_architectures(name, classes, want):
-  model = resnet.create_model(name, num_classes=classes)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))
-  assert _count(shapes["params"]) == want
+    model = resnet.create_model(name, num_classes=classes)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))
+    assert _count(shapes["params"]) == want
 
 
 def test_zero_gamma_on_the_last_bn_of_every_residual_block():
-  """Goyal §5.1: γ = 0 for the last BN of each block, so every block starts as the identity."""
-  _, variables = _init("resnet14", 8)
-  params = flax.traverse_util.flatten_dict(variables["params"])
-  blocks = sorted({k[0] for k in params if k[0].startswith("BasicBlock")})
-  assert len(blocks) == 6
-  for b in blocks:
-    bns = sorted({k[1] for k in params if k[0] == b and k[1].startswith("BatchNorm")})
-    last = bns[-1]
-    assert np.all(params[(b, last, "scale")] == 0), b
-    for other in bns[:-1]:
-      assert np.all(params[(b, other, "scale")] == 1), (b, other)
-    if (b, "proj_bn", "scale") in params:
-      assert np.all(params[(b, "proj_bn", "scale")] == 1)
+    """Goyal §5.1: γ = 0 for the last BN of each block, so every block starts as the identity."""
+    _, variables = _init("resnet14", 8)
+    params = flax.traverse_util.flatten_dict(variables["params"])
+    blocks = sorted({k[0] for k in params if k[0].startswith("BasicBlock")})
+    assert len(blocks) == 6
+    for b in blocks:
+        bns = sorted({k[1] for k in params if k[0] == b and k[1].startswith("BatchNorm")})
+        last = bns[-1]
+        assert np.all(params[(b, last, "scale")] == 0), b
+        for other in bns[:-1]:
+            assert np.all(params[(b, other, "scale")] == 1), (b, other)
+        if (b, "proj_bn", "scale") in params:
+            assert np.all(params[(b, "proj_bn", "scale")] == 1)
 
 
 def test_zero_gamma_makes_blocks_identity_at_init():
-  """With γ = 0 the residual branch adds nothing: a block maps x (≥ 0) to relu(x) = x."""
-  block = resnet.BasicBlock(8, 1, conv=flax.linen.Conv, norm=lambda **kw: flax.linen.BatchNorm(
-      use_running_average=False, **kw))
-  x = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(1), (4, 6, 6, 8)))
-  variables = block.init(jax.random.PRNGKey(2), x)
-  y, _ = block.apply(variables, x, mutable=["batch_stats"])
-  np.testing.assert_allclose(y, x, atol=1e-6)
+    """With γ = 0 the residual branch adds nothing: a block maps x (≥ 0) to relu(x) = x."""
+    block = resnet.BasicBlock(
+        8, 1, conv=flax.linen.Conv, norm=lambda **kw: flax.linen.BatchNorm(use_running_average=False, **kw)
+    )
+    x = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(1), (4, 6, 6, 8)))
+    variables = block.init(jax.random.PRNGKey(2), x)
+    y, _ = block.apply(variables, x, mutable=["batch_stats"])
+    np.testing.assert_allclose(y, x, atol=1e-6)
 
 
 def test_initialisers_he_normal_convs_and_fc_std_001():
-  _, variables = _init("resnet18", 32, num_classes=1000)
-  params = variables["params"]
-  fc = np.asarray(params["fc"]["kernel"])
-  assert abs(fc.std() - 0.01) < 0.0005 and abs(fc.mean()) < 0.0005  # N(0, 0.01²), 512k samples
-  assert np.all(np.asarray(params["fc"]["bias"]) == 0)
-  # He et al. 2015 (fan_out): std = sqrt(2 / (kh·kw·out_channels)), truncated normal in flax.
-  k = np.asarray(params["stem_conv"]["kernel"])  # 7x7x3x64
-  want = np.sqrt(2.0 / (7 * 7 * 64))
-  assert abs(k.std() - want) / want < 0.05
+    _, variables = _init("resnet18", 32, num_classes=1000)
+    params = variables["params"]
+    fc = np.asarray(params["fc"]["kernel"])
+    assert abs(fc.std() - 0.01) < 0.0005 and abs(fc.mean()) < 0.0005  # N(0, 0.01²), 512k samples
+    assert np.all(np.asarray(params["fc"]["bias"]) == 0)
+    # He et al. 2015 (fan_out): std = sqrt(2 / (kh·kw·out_channels)), truncated normal in flax.
+    k = np.asarray(params["stem_conv"]["kernel"])  # 7x7x3x64
+    want = np.sqrt(2.0 / (7 * 7 * 64))
+    assert abs(k.std() - want) / want < 0.05
 
 
 def test_stems_and_v15_stride_placement():
-  model = resnet.create_model("resnet50", num_classes=7)
-  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False))
-  out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, 64, 64, 3)), train=False), variables)
-  assert out.shape == (2, 7) and out.dtype == jnp.float32
-  # v1.5: the stride of a downsampling bottleneck is on the 3x3 conv, not the first 1x1.
-  block = variables["params"]["BottleneckBlock_3"]  # first block of stage 2
-  assert block["Conv_1"]["kernel"].shape[:2] == (3, 3)
-  small = jax.eval_shape(lambda: resnet.create_model("resnet8", num_classes=10).init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)), train=False))
-  assert small["params"]["stem_conv"]["kernel"].shape == (3, 3, 3, 16)  # small stem: 3x3, no pool
+    model = resnet.create_model("resnet50", num_classes=7)
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False))
+    out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, 64, 64, 3)), train=False), variables)
+    assert out.shape == (2, 7) and out.dtype == jnp.float32
+    # v1.5: the stride of a downsampling bottleneck is on the 3x3 conv, not the first 1x1.
+    block = variables["params"]["BottleneckBlock_3"]  # first block of stage 2
+    assert block["Conv_1"]["kernel"].shape[:2] == (3, 3)
+    small = jax.eval_shape(
+        lambda: resnet.create_model("resnet8", num_classes=10).init(
+            jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)), train=False
+        )
+    )
+    assert small["params"]["stem_conv"]["kernel"].shape == (3, 3, 3, 16)  # small stem: 3x3, no pool
 
 
 def test_unknown_model_is_a_clear_error():
-  with pytest.raises(ValueError, match="unknown model 'resnet9'"):
-    resnet.create_model("resnet9", num_classes=10)
+    with pytest.raises(ValueError, match="unknown model 'resnet9'"):
+        resnet.create_model("resnet9", num_classes=10)

@@ -16,33 +16,45 @@ from conftest import REPO, tiny_config
 from lbsgd import train
 
 STEPS = 6
-TINY_ARGS = ["--config=experiments/digits.py", "--config.model=resnet8", "--config.model_width=8",
-             "--config.per_worker_batch_size=4", "--config.log_every_steps=2", "--config.eval_every_epochs=0"]
+TINY_ARGS = [
+    "--config=experiments/digits.py",
+    "--config.model=resnet8",
+    "--config.model_width=8",
+    "--config.per_worker_batch_size=4",
+    "--config.log_every_steps=2",
+    "--config.eval_every_epochs=0",
+]
 
 
 def _flat(tree):
-  return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+    return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
 
 
 def _summary(workdir):
-  with open(os.path.join(workdir, "results.json")) as f:
-    results = json.load(f)
-  ckpt = train.load_checkpoint(str(workdir))
-  return results, _flat((ckpt["params"], ckpt["batch_stats"]))
+    with open(os.path.join(workdir, "results.json")) as f:
+        results = json.load(f)
+    ckpt = train.load_checkpoint(str(workdir))
+    return results, _flat((ckpt["params"], ckpt["batch_stats"]))
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_dir):
-  """k=8 workers on 8 devices of one process."""
-  workdir = tmp_path_factory.mktemp("d8")
-  train.train_and_evaluate(tiny_config(data_dir, max_steps=STEPS, checkpoint_every_steps=STEPS), str(workdir))
-  return _summary(workdir)
+    """k=8 workers on 8 devices of one process."""
+    workdir = tmp_path_factory.mktemp("d8")
+    train.train_and_evaluate(tiny_config(data_dir, max_steps=STEPS, checkpoint_every_steps=STEPS), str(workdir))
+    return _summary(workdir)
 
 
 def _launch(args, timeout=400):
-  env = dict(os.environ)
-  return subprocess.run([sys.executable, "-m", "lbsgd.launch", *args], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+    env = dict(os.environ)
+    return subprocess.run(
+        [sys.executable, "-m", "lbsgd.launch", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 LAYOUTS = {  # name: (num_devices, accumulation_steps) in this 8-device process
@@ -55,93 +67,140 @@ LAYOUTS = {  # name: (num_devices, accumulation_steps) in this 8-device process
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_same_run_on_fewer_devices(reference, tmp_path, data_dir, name):
-  d, acc = LAYOUTS[name]
-  train.train_and_evaluate(tiny_config(data_dir, max_steps=STEPS, checkpoint_every_steps=STEPS, num_devices=d,
-                                       accumulation_steps=acc), str(tmp_path))
-  (want, want_params), (got, got_params) = reference, _summary(tmp_path)
-  assert got["devices"] == d and got["workers_per_device"] == 8 // d
-  for field in ("train_loss", "eval_loss", "eval_accuracy"):
-    assert got[field] == pytest.approx(want[field], rel=1e-5, abs=1e-6), field
-  diff = np.abs(got_params - want_params).max()
-  print(f"{name}: max |param diff| vs 8 devices = {diff:.3g}")
-  assert diff <= 1e-5
+    d, acc = LAYOUTS[name]
+    train.train_and_evaluate(
+        tiny_config(data_dir, max_steps=STEPS, checkpoint_every_steps=STEPS, num_devices=d, accumulation_steps=acc),
+        str(tmp_path),
+    )
+    (want, want_params), (got, got_params) = reference, _summary(tmp_path)
+    assert got["devices"] == d and got["workers_per_device"] == 8 // d
+    for field in ("train_loss", "eval_loss", "eval_accuracy"):
+        assert got[field] == pytest.approx(want[field], rel=1e-5, abs=1e-6), field
+    diff = np.abs(got_params - want_params).max()
+    print(f"{name}: max |param diff| vs 8 devices = {diff:.3g}")
+    assert diff <= 1e-5
 
 
 @pytest.mark.parametrize("devices_per_process", [4, 2])
 def test_same_run_on_two_processes(reference, tmp_path, data_dir, devices_per_process):
-  proc = _launch(["--num_processes=2", f"--devices_per_process={devices_per_process}", "--",
-                  *TINY_ARGS, f"--workdir={tmp_path}", f"--config.data_dir={data_dir}", f"--config.max_steps={STEPS}", "--config.num_epochs=1",
-                  f"--config.checkpoint_every_steps={STEPS}"])
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-  assert "[p0]" in proc.stdout and "[p1]" in proc.stdout
-  (want, want_params), (got, got_params) = reference, _summary(tmp_path)
-  assert got["processes"] == 2 and got["devices"] == 2 * devices_per_process
-  for field in ("train_loss", "eval_loss", "eval_accuracy"):
-    assert got[field] == pytest.approx(want[field], rel=1e-5, abs=1e-6), field
-  diff = np.abs(got_params - want_params).max()
-  print(f"2 processes x {devices_per_process} devices: max |param diff| vs 1 process x 8 devices = {diff:.3g}")
-  assert diff <= 1e-5
+    proc = _launch(
+        [
+            "--num_processes=2",
+            f"--devices_per_process={devices_per_process}",
+            "--",
+            *TINY_ARGS,
+            f"--workdir={tmp_path}",
+            f"--config.data_dir={data_dir}",
+            f"--config.max_steps={STEPS}",
+            "--config.num_epochs=1",
+            f"--config.checkpoint_every_steps={STEPS}",
+        ]
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "[p0]" in proc.stdout and "[p1]" in proc.stdout
+    (want, want_params), (got, got_params) = reference, _summary(tmp_path)
+    assert got["processes"] == 2 and got["devices"] == 2 * devices_per_process
+    for field in ("train_loss", "eval_loss", "eval_accuracy"):
+        assert got[field] == pytest.approx(want[field], rel=1e-5, abs=1e-6), field
+    diff = np.abs(got_params - want_params).max()
+    print(f"2 processes x {devices_per_process} devices: max |param diff| vs 1 process x 8 devices = {diff:.3g}")
+    assert diff <= 1e-5
 
 
 def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_dead_peer_survivor_exits_with_clear_message_and_rerun_resumes(tmp_path, data_dir):
-  port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONUNBUFFERED="1")
-  args = [*TINY_ARGS, f"--workdir={tmp_path}", f"--config.data_dir={data_dir}", "--config.num_epochs=1",
-          "--config.checkpoint_every_steps=4", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-          "--heartbeat_timeout_s=10"]
-  procs = [subprocess.Popen([sys.executable, "-m", "lbsgd.main", *args, f"--process_id={i}"], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-           for i in range(2)]
-  ckpts = tmp_path / "checkpoints"
-  deadline = time.time() + 300
-  while time.time() < deadline and all(p.poll() is None for p in procs):
-    if ckpts.exists() and any(d.isdigit() and int(d) >= 8 for d in os.listdir(ckpts)):
-      break
-    time.sleep(0.05)
-  assert all(p.poll() is None for p in procs), "a process ended before the peer could be killed"
-  os.killpg(procs[1].pid, signal.SIGKILL)  # process 1 (its supervisor and trainer) dies
-  t_kill = time.time()
-  try:
-    _, err = procs[0].communicate(timeout=120)
-  except subprocess.TimeoutExpired:
-    os.killpg(procs[0].pid, signal.SIGKILL)
-    pytest.fail("the survivor hung for more than 120 s after its peer died")
-  procs[1].wait()
-  waited = time.time() - t_kill
-  print(f"survivor exited {waited:.1f} s after its peer was killed")
-  assert procs[0].returncode != 0
-  last = [ln for ln in err.splitlines() if ln.startswith("lbsgd: error:")]
-  assert last and "process 0" in last[-1] and "rerun" in last[-1], err[-2000:]
-  assert not (tmp_path / "results.json").exists()
-  # The last checkpoint is intact: rerunning resumes from it and finishes.
-  rerun = _launch(["--num_processes=2", "--devices_per_process=4", "--", *TINY_ARGS, f"--workdir={tmp_path}",
-                   f"--config.data_dir={data_dir}", "--config.num_epochs=1", "--config.checkpoint_every_steps=4"])
-  assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-2000:]
-  assert "resumed from checkpoint at step" in rerun.stdout
-  with open(tmp_path / "results.json") as f:
-    assert json.load(f)["steps"] == 1437 // 32
+    port = _free_port()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONUNBUFFERED="1")
+    args = [
+        *TINY_ARGS,
+        f"--workdir={tmp_path}",
+        f"--config.data_dir={data_dir}",
+        "--config.num_epochs=1",
+        "--config.checkpoint_every_steps=4",
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        "--heartbeat_timeout_s=10",
+    ]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "lbsgd.main", *args, f"--process_id={i}"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for i in range(2)
+    ]
+    ckpts = tmp_path / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        if ckpts.exists() and any(d.isdigit() and int(d) >= 8 for d in os.listdir(ckpts)):
+            break
+        time.sleep(0.05)
+    assert all(p.poll() is None for p in procs), "a process ended before the peer could be killed"
+    os.killpg(procs[1].pid, signal.SIGKILL)  # process 1 (its supervisor and trainer) dies
+    t_kill = time.time()
+    try:
+        _, err = procs[0].communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(procs[0].pid, signal.SIGKILL)
+        pytest.fail("the survivor hung for more than 120 s after its peer died")
+    procs[1].wait()
+    waited = time.time() - t_kill
+    print(f"survivor exited {waited:.1f} s after its peer was killed")
+    assert procs[0].returncode != 0
+    last = [ln for ln in err.splitlines() if ln.startswith("lbsgd: error:")]
+    assert last and "process 0" in last[-1] and "rerun" in last[-1], err[-2000:]
+    assert not (tmp_path / "results.json").exists()
+    # The last checkpoint is intact: rerunning resumes from it and finishes.
+    rerun = _launch(
+        [
+            "--num_processes=2",
+            "--devices_per_process=4",
+            "--",
+            *TINY_ARGS,
+            f"--workdir={tmp_path}",
+            f"--config.data_dir={data_dir}",
+            "--config.num_epochs=1",
+            "--config.checkpoint_every_steps=4",
+        ]
+    )
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-2000:]
+    assert "resumed from checkpoint at step" in rerun.stdout
+    with open(tmp_path / "results.json") as f:
+        assert json.load(f)["steps"] == 1437 // 32
 
 
 def test_launcher_fails_when_a_process_fails(tmp_path):
-  proc = _launch(["--num_processes=2", "--devices_per_process=4", "--", *TINY_ARGS, f"--workdir={tmp_path}",
-                  "--config.num_workers=6"], timeout=120)
-  assert proc.returncode != 0
-  assert "exited with status 2" in proc.stderr
-  assert "config.num_workers=6" in proc.stdout
+    proc = _launch(
+        [
+            "--num_processes=2",
+            "--devices_per_process=4",
+            "--",
+            *TINY_ARGS,
+            f"--workdir={tmp_path}",
+            "--config.num_workers=6",
+        ],
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "exited with status 2" in proc.stderr
+    assert "config.num_workers=6" in proc.stdout
 
 
 def test_launcher_port_taken_is_a_clear_error(tmp_path):
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    s.listen(1)
-    port = s.getsockname()[1]
-    proc = _launch([f"--port={port}", "--", *TINY_ARGS, f"--workdir={tmp_path}"], timeout=60)
-  assert proc.returncode == 2
-  lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-  assert len(lines) == 1 and f"port {port}" in lines[0] and "in use" in lines[0]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        proc = _launch([f"--port={port}", "--", *TINY_ARGS, f"--workdir={tmp_path}"], timeout=60)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and f"port {port}" in lines[0] and "in use" in lines[0]

@@ -82,17 +82,14 @@ def test_gradual_warmup_is_linear_every_iteration():
 
 @pytest.mark.parametrize(
     "step,expected",
-    [(0, 0.1), (389, 0.1), (779, 0.1), (780, 3.2), (4679, 3.2), (4680, 0.32),
-     (14039, 0.0032)],
+    [(0, 0.1), (389, 0.1), (779, 0.1), (780, 3.2), (4679, 3.2), (4680, 0.32), (14039, 0.0032)],
 )
 def test_constant_warmup(step, expected):
     schedule = optim.goyal_schedule(0.1, KN, SPE, warmup="constant")
     assert _lr(schedule, step) == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.parametrize(
-    "step,expected", [(0, 3.2), (1, 3.2), (779, 3.2), (4679, 3.2), (4680, 0.32)]
-)
+@pytest.mark.parametrize("step,expected", [(0, 3.2), (1, 3.2), (779, 3.2), (4679, 3.2), (4680, 0.32)])
 def test_no_warmup(step, expected):
     schedule = optim.goyal_schedule(0.1, KN, SPE, warmup="none")
     assert _lr(schedule, step) == pytest.approx(expected, rel=1e-6)
@@ -140,9 +137,7 @@ def test_small_batch_has_no_warmup(warmup):
 
 
 def test_fractional_decay_epochs():
-    schedule = optim.goyal_schedule(
-        0.1, 512, 10, warmup="none", decay_epochs=[1.5, 2.25], decay_factor=0.5
-    )
+    schedule = optim.goyal_schedule(0.1, 512, 10, warmup="none", decay_epochs=[1.5, 2.25], decay_factor=0.5)
     # boundaries at step 15 and at the first step at or after 22.5, i.e. 23.
     assert _lr(schedule, 14) == pytest.approx(0.2)
     assert _lr(schedule, 15) == pytest.approx(0.1)
@@ -226,15 +221,13 @@ def test_corrected_eq10_matches_optax_eq9(nesterov, warmup):
     ref = _trajectory(optax.sgd(schedule, momentum=M, nesterov=nesterov))
     for t, (p, q) in enumerate(zip(ours, ref)):
         for name in p:
-            np.testing.assert_allclose(p[name], q[name], rtol=1e-5, atol=1e-5,
-                                       err_msg=f"step {t} leaf {name}")
+            np.testing.assert_allclose(p[name], q[name], rtol=1e-5, atol=1e-5, err_msg=f"step {t} leaf {name}")
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_uncorrected_eq10_diverges_from_eq9(nesterov):
     schedule = optim.goyal_schedule(warmup="constant", **SHORT)
-    ours = _trajectory(optim.momentum_sgd(schedule, M, nesterov=nesterov,
-                                          momentum_correction=False))
+    ours = _trajectory(optim.momentum_sgd(schedule, M, nesterov=nesterov, momentum_correction=False))
     ref = _trajectory(optax.sgd(schedule, momentum=M, nesterov=nesterov))
     # identical while the rate is constant (steps 0..5 -> params 0..6) ...
     for t in range(7):
@@ -253,8 +246,7 @@ def test_remark2_difference_closed_form(nesterov):
     """
     schedule = optim.goyal_schedule(warmup="gradual", **SHORT)
     corrected = optim.momentum_sgd(schedule, M, nesterov=nesterov)
-    uncorrected = optim.momentum_sgd(schedule, M, nesterov=nesterov,
-                                     momentum_correction=False)
+    uncorrected = optim.momentum_sgd(schedule, M, nesterov=nesterov, momentum_correction=False)
     params, grad = _toy_problem()
     state = corrected.init(params)
     checked_changes = 0
@@ -264,15 +256,13 @@ def test_remark2_difference_closed_form(nesterov):
         upd_u, state_u = uncorrected.update(g, state, params)
         if t > 0:
             eta_prev, eta_next = _lr(schedule, t - 1), _lr(schedule, t)
-            predicted = {k: M * (1 - eta_next / eta_prev) * np.asarray(v)
-                         for k, v in state.velocity.items()}
+            predicted = {k: M * (1 - eta_next / eta_prev) * np.asarray(v) for k, v in state.velocity.items()}
             factor = M if nesterov else 1.0
             for k in predicted:
                 np.testing.assert_allclose(
-                    state_u.velocity[k] - state_c.velocity[k], predicted[k],
-                    rtol=1e-4, atol=1e-6)
-                np.testing.assert_allclose(
-                    upd_u[k] - upd_c[k], -factor * predicted[k], rtol=1e-4, atol=1e-6)
+                    state_u.velocity[k] - state_c.velocity[k], predicted[k], rtol=1e-4, atol=1e-6
+                )
+                np.testing.assert_allclose(upd_u[k] - upd_c[k], -factor * predicted[k], rtol=1e-4, atol=1e-6)
             if abs(eta_next - eta_prev) > 1e-6:
                 checked_changes += 1
                 assert np.abs(predicted["w"]).max() > 1e-4
@@ -373,8 +363,7 @@ def test_weight_decay_mask_on_flax_params():
 def test_weight_decay_mask_fallback_and_frozendict():
     from flax.core import FrozenDict
 
-    params = {"a": {"w": jnp.ones((2, 2)), "g": jnp.ones(2), "s": jnp.ones(())},
-              "t": [jnp.ones((3, 3)), jnp.ones(3)]}
+    params = {"a": {"w": jnp.ones((2, 2)), "g": jnp.ones(2), "s": jnp.ones(())}, "t": [jnp.ones((3, 3)), jnp.ones(3)]}
     mask = optim.weight_decay_mask(params)
     assert mask == {"a": {"w": True, "g": False, "s": False}, "t": [True, False]}
     # names win over ndim: a 2-D 'bias' is not decayed, a 1-D 'kernel' is.
@@ -390,8 +379,7 @@ def _layered():
         "BatchNorm_0": {"scale": jnp.array([2.0, 1.0]), "bias": jnp.array([1.0, 1.0])},
     }
     grads = {
-        "Dense_0": {"kernel": jnp.array([[0.1, 0.2], [-0.3, 0.4]]),
-                    "bias": jnp.array([1.0, 2.0])},
+        "Dense_0": {"kernel": jnp.array([[0.1, 0.2], [-0.3, 0.4]]), "bias": jnp.array([1.0, 2.0])},
         "BatchNorm_0": {"scale": jnp.array([0.5, -0.5]), "bias": jnp.array([0.25, 0.0])},
     }
     return params, grads
@@ -407,9 +395,7 @@ def test_goyal_sgd_first_step_by_hand(nesterov):
     # Nesterov first step: eta g' + m v = (1 + m) eta g'.
     f = 1.9 if nesterov else 1.0
     # kernel: g + lambda w = [[0.1 + 0.01, 0.2 - 0.02], [-0.3 + 0.03, 0.4 + 0.005]]
-    np.testing.assert_allclose(
-        upd["Dense_0"]["kernel"], -f * 0.5 * np.array([[0.11, 0.18], [-0.27, 0.405]]),
-        rtol=1e-6)
+    np.testing.assert_allclose(upd["Dense_0"]["kernel"], -f * 0.5 * np.array([[0.11, 0.18], [-0.27, 0.405]]), rtol=1e-6)
     # biases and BN gamma/beta: no decay, just -eta g.
     np.testing.assert_allclose(upd["Dense_0"]["bias"], -f * 0.5 * np.array([1.0, 2.0]))
     np.testing.assert_allclose(upd["BatchNorm_0"]["scale"], -f * 0.5 * np.array([0.5, -0.5]))
@@ -441,8 +427,7 @@ def test_remark1_loss_scaling_not_rate_scaling():
     by_loss = _first_update(optim.goyal_sgd(eta, weight_decay=lam, **kw), params, scaled_grads)
     by_rate = _first_update(optim.goyal_sgd(c * eta, weight_decay=lam, **kw), params, grads)
     diff = by_loss["Dense_0"]["kernel"] - by_rate["Dense_0"]["kernel"]
-    np.testing.assert_allclose(diff, eta * (c - 1) * lam * params["Dense_0"]["kernel"],
-                               rtol=1e-5)
+    np.testing.assert_allclose(diff, eta * (c - 1) * lam * params["Dense_0"]["kernel"], rtol=1e-5)
     assert np.abs(diff).max() > 1e-3
     # undecayed leaves (bias, BN) are equivalent either way
     np.testing.assert_allclose(by_loss["BatchNorm_0"]["scale"], by_rate["BatchNorm_0"]["scale"])
@@ -470,8 +455,7 @@ def test_lars_first_step_trust_ratio_by_hand():
     expected = -eta * tc * norm_w / norm_d * d
     np.testing.assert_allclose(upd["Dense_0"]["kernel"], expected, rtol=1e-5)
     # per-layer step size is trust_coefficient * lr * ||w||, independent of ||g||
-    assert float(jnp.linalg.norm(upd["Dense_0"]["kernel"])) == pytest.approx(
-        eta * tc * norm_w, rel=1e-5)
+    assert float(jnp.linalg.norm(upd["Dense_0"]["kernel"])) == pytest.approx(eta * tc * norm_w, rel=1e-5)
     # BN gamma/beta and biases: neither decay nor trust ratio, plain -eta g.
     np.testing.assert_allclose(upd["Dense_0"]["bias"], -eta * np.array([1.0, 2.0]))
     np.testing.assert_allclose(upd["BatchNorm_0"]["scale"], -eta * np.array([0.5, -0.5]))
@@ -493,17 +477,19 @@ def test_lars_step_size_ignores_gradient_scale():
 
 
 def _imagenet_config(**overrides):
-    config = ml_collections.ConfigDict(dict(
-        num_workers=256,
-        per_worker_batch_size=32,
-        base_learning_rate=0.1,
-        warmup="gradual",
-        warmup_epochs=5,
-        num_epochs=90,
-        optimizer="goyal_sgd",
-        decay="step",
-        decay_epochs=[30, 60, 80],
-    ))
+    config = ml_collections.ConfigDict(
+        dict(
+            num_workers=256,
+            per_worker_batch_size=32,
+            base_learning_rate=0.1,
+            warmup="gradual",
+            warmup_epochs=5,
+            num_epochs=90,
+            optimizer="goyal_sgd",
+            decay="step",
+            decay_epochs=[30, 60, 80],
+        )
+    )
     for key, value in overrides.items():
         config[key] = value
     return config
@@ -548,11 +534,18 @@ def test_from_config_plain_object_and_sgd():
 
 
 def test_from_config_digits_like_cosine():
-    config = ml_collections.ConfigDict(dict(
-        num_workers=8, per_worker_batch_size=16, base_learning_rate=0.1,
-        warmup="gradual", warmup_epochs=2, num_epochs=30, optimizer="goyal_sgd",
-        decay="cosine",
-    ))
+    config = ml_collections.ConfigDict(
+        dict(
+            num_workers=8,
+            per_worker_batch_size=16,
+            base_learning_rate=0.1,
+            warmup="gradual",
+            warmup_epochs=2,
+            num_epochs=30,
+            optimizer="goyal_sgd",
+            decay="cosine",
+        )
+    )
     spe = 1437 // 128  # 11
     _, schedule = optim.from_config(config, spe)
     # kn = 128 <= 256: no warmup, k*eta = 0.05, cosine over 330 steps.
@@ -563,20 +556,21 @@ def test_from_config_digits_like_cosine():
 
 def test_from_config_lars():
     tx, _ = optim.from_config(
-        _imagenet_config(optimizer="lars", warmup="none", weight_decay=0.0,
-                         nesterov=False, trust_coefficient=0.01), SPE)
+        _imagenet_config(optimizer="lars", warmup="none", weight_decay=0.0, nesterov=False, trust_coefficient=0.01), SPE
+    )
     params, grads = _layered()
     upd = _first_update(tx, params, grads)
     # k*eta = 3.2: kernel step length = 3.2 * 0.01 * ||w||
-    assert float(jnp.linalg.norm(upd["Dense_0"]["kernel"])) == pytest.approx(
-        3.2 * 0.01 * math.sqrt(14.25), rel=1e-5)
+    assert float(jnp.linalg.norm(upd["Dense_0"]["kernel"])) == pytest.approx(3.2 * 0.01 * math.sqrt(14.25), rel=1e-5)
 
 
 @pytest.mark.parametrize(
     "overrides,field",
-    [({"optimizer": "adam"}, "config.optimizer"),
-     ({"warmup": "linear"}, "config.warmup"),
-     ({"decay": "poly"}, "config.decay")],
+    [
+        ({"optimizer": "adam"}, "config.optimizer"),
+        ({"warmup": "linear"}, "config.warmup"),
+        ({"decay": "poly"}, "config.decay"),
+    ],
 )
 def test_from_config_unknown_names(overrides, field):
     with pytest.raises(ValueError, match=re.escape(field)) as info:
@@ -598,7 +592,7 @@ def test_module_imports_only_jax_and_optax():
 def test_readme_snippet_runs(capsys):
     readme = (REPO / "README.md").read_text()
     start = readme.index("## Use the optimizer in your own project")
-    text = readme[start:readme.index("\n## ", start + 1)]
+    text = readme[start : readme.index("\n## ", start + 1)]
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     assert len(blocks) == 1
     namespace = {"__name__": "__readme__"}

@@ -18,48 +18,50 @@ SPLIT_SEED = 0
 
 
 def split_indices() -> tuple[np.ndarray, np.ndarray]:
-  """Indices (into ``sklearn.datasets.load_digits()``) of the fixed train and test splits."""
-  from sklearn.datasets import load_digits
-  from sklearn.model_selection import train_test_split
+    """Indices (into ``sklearn.datasets.load_digits()``) of the fixed train and test splits."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
 
-  y = load_digits().target
-  train, test = train_test_split(np.arange(len(y)), test_size=NUM_TEST, random_state=SPLIT_SEED, stratify=y)
-  return np.sort(train), np.sort(test)
+    y = load_digits().target
+    train, test = train_test_split(np.arange(len(y)), test_size=NUM_TEST, random_state=SPLIT_SEED, stratify=y)
+    return np.sort(train), np.sort(test)
 
 
 class LbsgdDigits(tfds.core.GeneratorBasedBuilder):
-  """TFDS builder for scikit-learn's digits (1,437 train / 360 test, 8x8x1 uint8, 10 classes)."""
+    """TFDS builder for scikit-learn's digits (1,437 train / 360 test, 8x8x1 uint8, 10 classes)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Stratified 1437/360 split of sklearn.datasets.load_digits, seed 0."}
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Stratified 1437/360 split of sklearn.datasets.load_digits, seed 0."}
 
-  def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description="scikit-learn's 8x8 handwritten digits (UCI optdigits test set), 0..16 scaled to 0..255.",
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(8, 8, 1)),
-            "label": tfds.features.ClassLabel(num_classes=10),
-        }),
-        supervised_keys=("image", "label"),
-    )
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="scikit-learn's 8x8 handwritten digits (UCI optdigits test set), 0..16 scaled to 0..255.",
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(8, 8, 1)),
+                    "label": tfds.features.ClassLabel(num_classes=10),
+                }
+            ),
+            supervised_keys=("image", "label"),
+        )
 
-  def _split_generators(self, dl_manager):
-    train, test = split_indices()
-    return {"train": self._generate_examples(train), "test": self._generate_examples(test)}
+    def _split_generators(self, dl_manager):
+        train, test = split_indices()
+        return {"train": self._generate_examples(train), "test": self._generate_examples(test)}
 
-  def _generate_examples(self, indices):
-    from sklearn.datasets import load_digits
+    def _generate_examples(self, indices):
+        from sklearn.datasets import load_digits
 
-    digits = load_digits()
-    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    for i in indices:
-      yield int(i), {"image": images[i], "label": int(digits.target[i])}
+        digits = load_digits()
+        images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+        for i in indices:
+            yield int(i), {"image": images[i], "label": int(digits.target[i])}
 
 
 def builder(data_dir: str | None) -> LbsgdDigits:
-  """The digits builder, prepared into ``data_dir`` on first use (a second or so)."""
-  b = LbsgdDigits(data_dir=data_dir or None, file_format="array_record")
-  if not b.is_prepared():
-    b.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
-  return b
+    """The digits builder, prepared into ``data_dir`` on first use (a second or so)."""
+    b = LbsgdDigits(data_dir=data_dir or None, file_format="array_record")
+    if not b.is_prepared():
+        b.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
+    return b

@@ -25,66 +25,76 @@ CHANNELS = 3
 
 
 def _classes(train_dir: str) -> list[str]:
-  return sorted(e.name for e in os.scandir(train_dir) if e.is_dir() and not e.name.startswith("."))
+    return sorted(e.name for e in os.scandir(train_dir) if e.is_dir() and not e.name.startswith("."))
 
 
 def _files(split_dir: str, classes: list[str]) -> tuple[list[str], list[int]]:
-  """Sorted image paths under ``split_dir/<class>/`` and their labels (index in ``classes``)."""
-  paths, labels = [], []
-  for label, name in enumerate(classes):
-    class_dir = os.path.join(split_dir, name)
-    if not os.path.isdir(class_dir):
-      continue
-    for root, dirs, files in os.walk(class_dir, followlinks=True):
-      dirs.sort()
-      for f in sorted(files):
-        if f.lower().endswith(EXTENSIONS) and not f.startswith("."):
-          paths.append(os.path.join(root, f))
-          labels.append(label)
-  return paths, labels
+    """Sorted image paths under ``split_dir/<class>/`` and their labels (index in ``classes``)."""
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        class_dir = os.path.join(split_dir, name)
+        if not os.path.isdir(class_dir):
+            continue
+        for root, dirs, files in os.walk(class_dir, followlinks=True):
+            dirs.sort()
+            for f in sorted(files):
+                if f.lower().endswith(EXTENSIONS) and not f.startswith("."):
+                    paths.append(os.path.join(root, f))
+                    labels.append(label)
+    return paths, labels
 
 
 def _split(paths: list[str], labels: list[int]) -> pipeline.Split:
-  """A random-access :class:`pipeline.Split` reading file ``paths[i]`` with label ``labels[i]``."""
-  path_table = tf.constant(paths, tf.string)
-  label_table = tf.constant(labels, tf.int64)
+    """A random-access :class:`pipeline.Split` reading file ``paths[i]`` with label ``labels[i]``."""
+    path_table = tf.constant(paths, tf.string)
+    label_table = tf.constant(labels, tf.int64)
 
-  def read(i):
-    return tf.io.read_file(tf.gather(path_table, i)), tf.gather(label_table, i)
+    def read(i):
+        return tf.io.read_file(tf.gather(path_table, i)), tf.gather(label_table, i)
 
-  return pipeline.Split(num_examples=len(paths), read=read)
+    return pipeline.Split(num_examples=len(paths), read=read)
 
 
 def load(path: str) -> pipeline.Dataset:
-  """Open ``path`` laid out as ``train/<class>/*`` and ``val|validation|test/<class>/*`` (see module doc).
+    """Open ``path`` laid out as ``train/<class>/*`` and ``val|validation|test/<class>/*`` (see module doc).
 
-  Raises ``pipeline.DataError`` (one line, with the fix) when the folder, its class sub-folders, its
-  evaluation folder or its images are missing, or the evaluation folder has a class train lacks.
-  """
-  layout = f"lay it out as {path}/train/<class>/*.jpg and {path}/val/<class>/*.jpg"
-  root = os.path.expanduser(path)
-  if not os.path.isdir(root):
-    raise pipeline.DataError(f"folder dataset {path!r} does not exist; {layout}")
-  train_dir = os.path.join(root, "train")
-  if not os.path.isdir(train_dir):
-    raise pipeline.DataError(f"folder dataset {path!r} has no 'train' sub-folder; {layout}")
-  classes = _classes(train_dir)
-  if not classes:
-    raise pipeline.DataError(f"{train_dir!r} has no class sub-folders; {layout}")
-  eval_dir = next((os.path.join(root, d) for d in EVAL_DIRS if os.path.isdir(os.path.join(root, d))), None)
-  if eval_dir is None:
-    raise pipeline.DataError(f"folder dataset {path!r} has no evaluation sub-folder ({', '.join(EVAL_DIRS)}); "
-                             f"{layout}")
-  extra = sorted(set(_classes(eval_dir)) - set(classes))
-  if extra:
-    raise pipeline.DataError(f"{eval_dir!r} has classes that {train_dir!r} lacks ({', '.join(extra[:5])}); "
-                             f"give every class a train sub-folder")
-  train = _files(train_dir, classes)
-  evals = _files(eval_dir, classes)
-  for name, (paths, _) in (("train", train), (os.path.basename(eval_dir), evals)):
-    if not paths:
-      raise pipeline.DataError(f"folder dataset {path!r} has no {'/'.join(EXTENSIONS)} images under {name}/<class>/; "
-                               f"{layout}")
-  return pipeline.Dataset(name=f"folder:{path}", train=_split(*train), eval=_split(*evals),
-                          num_classes=len(classes), channels=CHANNELS, mean=pipeline.IMAGENET_MEAN,
-                          std=pipeline.IMAGENET_STD)
+    Raises ``pipeline.DataError`` (one line, with the fix) when the folder, its class sub-folders, its
+    evaluation folder or its images are missing, or the evaluation folder has a class train lacks.
+    """
+    layout = f"lay it out as {path}/train/<class>/*.jpg and {path}/val/<class>/*.jpg"
+    root = os.path.expanduser(path)
+    if not os.path.isdir(root):
+        raise pipeline.DataError(f"folder dataset {path!r} does not exist; {layout}")
+    train_dir = os.path.join(root, "train")
+    if not os.path.isdir(train_dir):
+        raise pipeline.DataError(f"folder dataset {path!r} has no 'train' sub-folder; {layout}")
+    classes = _classes(train_dir)
+    if not classes:
+        raise pipeline.DataError(f"{train_dir!r} has no class sub-folders; {layout}")
+    eval_dir = next((os.path.join(root, d) for d in EVAL_DIRS if os.path.isdir(os.path.join(root, d))), None)
+    if eval_dir is None:
+        raise pipeline.DataError(
+            f"folder dataset {path!r} has no evaluation sub-folder ({', '.join(EVAL_DIRS)}); {layout}"
+        )
+    extra = sorted(set(_classes(eval_dir)) - set(classes))
+    if extra:
+        raise pipeline.DataError(
+            f"{eval_dir!r} has classes that {train_dir!r} lacks ({', '.join(extra[:5])}); "
+            f"give every class a train sub-folder"
+        )
+    train = _files(train_dir, classes)
+    evals = _files(eval_dir, classes)
+    for name, (paths, _) in (("train", train), (os.path.basename(eval_dir), evals)):
+        if not paths:
+            raise pipeline.DataError(
+                f"folder dataset {path!r} has no {'/'.join(EXTENSIONS)} images under {name}/<class>/; {layout}"
+            )
+    return pipeline.Dataset(
+        name=f"folder:{path}",
+        train=_split(*train),
+        eval=_split(*evals),
+        num_classes=len(classes),
+        channels=CHANNELS,
+        mean=pipeline.IMAGENET_MEAN,
+        std=pipeline.IMAGENET_STD,
+    )

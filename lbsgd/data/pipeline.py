@@ -30,28 +30,28 @@ ReadFn = Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
 
 
 class DataError(ValueError):
-  """A dataset that cannot be found or read; the message says how to fix it."""
+    """A dataset that cannot be found or read; the message says how to fix it."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """A random-access split: ``read(int64 index) -> (encoded image: tf.string, label: tf.int64)``."""
+    """A random-access split: ``read(int64 index) -> (encoded image: tf.string, label: tf.int64)``."""
 
-  num_examples: int
-  read: ReadFn
+    num_examples: int
+    read: ReadFn
 
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-  """A training split, an evaluation split and what the model needs to know about them."""
+    """A training split, an evaluation split and what the model needs to know about them."""
 
-  name: str
-  train: Split
-  eval: Split
-  num_classes: int
-  channels: int
-  mean: tuple[float, ...]  # per-channel, on the 0..1 scale
-  std: tuple[float, ...]
+    name: str
+    train: Split
+    eval: Split
+    num_classes: int
+    channels: int
+    mean: tuple[float, ...]  # per-channel, on the 0..1 scale
+    std: tuple[float, ...]
 
 
 DIGITS_MEAN, DIGITS_STD = (0.3053,), (0.3759,)
@@ -59,116 +59,137 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _tfds_split(builder, split: str) -> Split:
-  """Wrap a prepared TFDS split (array_record) as a random-access :class:`Split`."""
-  try:
-    source = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
-  except Exception as e:  # noqa: BLE001 - re-raised with the fix
-    raise DataError(f"cannot open {builder.name}:{split} for random access ({e}); prepare it with "
-                    f"`tfds build {builder.name} --file_format=array_record`") from e
+    """Wrap a prepared TFDS split (array_record) as a random-access :class:`Split`."""
+    try:
+        source = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+    except Exception as e:  # noqa: BLE001 - re-raised with the fix
+        raise DataError(
+            f"cannot open {builder.name}:{split} for random access ({e}); prepare it with "
+            f"`tfds build {builder.name} --file_format=array_record`"
+        ) from e
 
-  def read_py(i):
-    ex = source[int(i)]
-    return np.asarray(ex["image"], dtype=object).reshape(()), np.int64(ex["label"])
+    def read_py(i):
+        ex = source[int(i)]
+        return np.asarray(ex["image"], dtype=object).reshape(()), np.int64(ex["label"])
 
-  def read(i):
-    image, label = tf.numpy_function(read_py, [i], [tf.string, tf.int64], stateful=False)
-    return tf.ensure_shape(image, []), tf.ensure_shape(label, [])
+    def read(i):
+        image, label = tf.numpy_function(read_py, [i], [tf.string, tf.int64], stateful=False)
+        return tf.ensure_shape(image, []), tf.ensure_shape(label, [])
 
-  return Split(num_examples=len(source), read=read)
+    return Split(num_examples=len(source), read=read)
 
 
 def load(name: str, data_dir: str = "") -> Dataset:
-  """Open dataset ``name``: 'digits', 'imagenet2012', 'tfds:<name>' or 'folder:<path>'."""
-  data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or None
-  if name == "digits":
-    from lbsgd.data import digits
+    """Open dataset ``name``: 'digits', 'imagenet2012', 'tfds:<name>' or 'folder:<path>'."""
+    data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or None
+    if name == "digits":
+        from lbsgd.data import digits
 
-    b = digits.builder(data_dir)
-    return Dataset("digits", _tfds_split(b, "train"), _tfds_split(b, "test"), 10, 1, DIGITS_MEAN, DIGITS_STD)
-  if name == "imagenet2012" or name.startswith("tfds:"):
-    tfds_name = name.split(":", 1)[-1]
-    try:
-      b = tfds.builder(tfds_name, data_dir=data_dir)
-    except Exception as e:  # noqa: BLE001
-      raise DataError(f"unknown TFDS dataset {tfds_name!r} ({e})") from e
-    if not b.is_prepared():
-      raise DataError(f"TFDS dataset {tfds_name!r} is not prepared in {b.data_dir!r}; prepare it with "
-                      f"`tfds build {tfds_name} --file_format=array_record` (ImageNet needs a manual download)")
-    eval_split = "validation" if "validation" in b.info.splits else "test"
-    channels = b.info.features["image"].shape[-1] or 3
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,) * channels, (0.25,) * channels)
-    return Dataset(tfds_name, _tfds_split(b, "train"), _tfds_split(b, eval_split),
-                   b.info.features["label"].num_classes, channels, mean, std)
-  if name.startswith("folder:"):
-    from lbsgd.data import folder
+        b = digits.builder(data_dir)
+        return Dataset("digits", _tfds_split(b, "train"), _tfds_split(b, "test"), 10, 1, DIGITS_MEAN, DIGITS_STD)
+    if name == "imagenet2012" or name.startswith("tfds:"):
+        tfds_name = name.split(":", 1)[-1]
+        try:
+            b = tfds.builder(tfds_name, data_dir=data_dir)
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"unknown TFDS dataset {tfds_name!r} ({e})") from e
+        if not b.is_prepared():
+            raise DataError(
+                f"TFDS dataset {tfds_name!r} is not prepared in {b.data_dir!r}; prepare it with "
+                f"`tfds build {tfds_name} --file_format=array_record` (ImageNet needs a manual download)"
+            )
+        eval_split = "validation" if "validation" in b.info.splits else "test"
+        channels = b.info.features["image"].shape[-1] or 3
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,) * channels, (0.25,) * channels)
+        return Dataset(
+            tfds_name,
+            _tfds_split(b, "train"),
+            _tfds_split(b, eval_split),
+            b.info.features["label"].num_classes,
+            channels,
+            mean,
+            std,
+        )
+    if name.startswith("folder:"):
+        from lbsgd.data import folder
 
-    return folder.load(name.split(":", 1)[1])
-  raise DataError(f"unknown dataset {name!r}: use 'digits', 'imagenet2012', 'tfds:<name>' or 'folder:<path>'")
+        return folder.load(name.split(":", 1)[1])
+    raise DataError(f"unknown dataset {name!r}: use 'digits', 'imagenet2012', 'tfds:<name>' or 'folder:<path>'")
 
 
 def _options() -> tf.data.Options:
-  opts = tf.data.Options()
-  opts.deterministic = True
-  opts.autotune.enabled = True
-  return opts
+    opts = tf.data.Options()
+    opts.deterministic = True
+    opts.autotune.enabled = True
+    return opts
 
 
-def train_iterator(dataset: Dataset, *, num_workers: int, per_worker_batch_size: int, seed: int,
-                   first_worker: int, num_local_workers: int, start_step: int, augment: str,
-                   image_size: int) -> Iterator[dict[str, np.ndarray]]:
-  """Endless training batches for workers ``first_worker .. first_worker + num_local_workers - 1``.
+def train_iterator(
+    dataset: Dataset,
+    *,
+    num_workers: int,
+    per_worker_batch_size: int,
+    seed: int,
+    first_worker: int,
+    num_local_workers: int,
+    start_step: int,
+    augment: str,
+    image_size: int,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Endless training batches for workers ``first_worker .. first_worker + num_local_workers - 1``.
 
-  Each element is ``{'image': float32 [m*n, H, W, C], 'label': int32 [m*n]}`` with the m local
-  workers' slices in worker order, starting at global step ``start_step`` (resume = same order).
-  """
-  split, k, n, m = dataset.train, num_workers, per_worker_batch_size, num_local_workers
-  spe = order.steps_per_epoch(split.num_examples, k * n)
-  if spe == 0:
-    raise DataError(f"global batch {k * n} is larger than the {split.num_examples} training examples")
+    Each element is ``{'image': float32 [m*n, H, W, C], 'label': int32 [m*n]}`` with the m local
+    workers' slices in worker order, starting at global step ``start_step`` (resume = same order).
+    """
+    split, k, n, m = dataset.train, num_workers, per_worker_batch_size, num_local_workers
+    spe = order.steps_per_epoch(split.num_examples, k * n)
+    if spe == 0:
+        raise DataError(f"global batch {k * n} is larger than the {split.num_examples} training examples")
 
-  def indices():
-    step, cached_epoch, batches = start_step, None, None
-    while True:
-      epoch, s = divmod(step, spe)
-      if epoch != cached_epoch:
-        batches, cached_epoch = order.worker_batches(split.num_examples, k, n, seed, epoch), epoch
-      idx = batches[s, first_worker:first_worker + m].reshape(-1)
-      yield idx, np.full_like(idx, epoch)
-      step += 1
+    def indices():
+        step, cached_epoch, batches = start_step, None, None
+        while True:
+            epoch, s = divmod(step, spe)
+            if epoch != cached_epoch:
+                batches, cached_epoch = order.worker_batches(split.num_examples, k, n, seed, epoch), epoch
+            idx = batches[s, first_worker : first_worker + m].reshape(-1)
+            yield idx, np.full_like(idx, epoch)
+            step += 1
 
-  spec = tf.TensorSpec([m * n], tf.int64)
-  ds = tf.data.Dataset.from_generator(indices, output_signature=(spec, spec)).unbatch()
-  train_fn = preprocess.train_fn(augment, image_size, dataset.channels, dataset.mean, dataset.std)
+    spec = tf.TensorSpec([m * n], tf.int64)
+    ds = tf.data.Dataset.from_generator(indices, output_signature=(spec, spec)).unbatch()
+    train_fn = preprocess.train_fn(augment, image_size, dataset.channels, dataset.mean, dataset.std)
 
-  def load_example(i, epoch):
-    image, label = split.read(i)
-    # Augmentation randomness depends on (seed, epoch, example) only: device/process invariant.
-    rng = tf.stack([tf.cast(seed, tf.int64), epoch * split.num_examples + i])
-    return {"image": train_fn(image, rng), "label": tf.cast(label, tf.int32)}
+    def load_example(i, epoch):
+        image, label = split.read(i)
+        # Augmentation randomness depends on (seed, epoch, example) only: device/process invariant.
+        rng = tf.stack([tf.cast(seed, tf.int64), epoch * split.num_examples + i])
+        return {"image": train_fn(image, rng), "label": tf.cast(label, tf.int32)}
 
-  ds = ds.map(load_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(m * n, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(_options())
-  return ds.as_numpy_iterator()
+    ds = ds.map(load_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(m * n, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(_options())
+    return ds.as_numpy_iterator()
 
 
-def eval_iterator(dataset: Dataset, *, global_batch_size: int, first_slot: int, num_local_slots: int,
-                  augment: str, image_size: int) -> Iterator[dict[str, np.ndarray]]:
-  """One pass over the whole evaluation split, each example exactly once (padded and masked).
+def eval_iterator(
+    dataset: Dataset, *, global_batch_size: int, first_slot: int, num_local_slots: int, augment: str, image_size: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """One pass over the whole evaluation split, each example exactly once (padded and masked).
 
-  This process gets slots ``first_slot .. first_slot + num_local_slots - 1`` of every global eval
-  batch. Elements: ``{'image', 'label', 'mask'}`` with mask 0 on padding.
-  """
-  split = dataset.eval
-  idx, mask = order.eval_batches(split.num_examples, global_batch_size)
-  idx = idx[:, first_slot:first_slot + num_local_slots].reshape(-1)
-  mask = mask[:, first_slot:first_slot + num_local_slots].reshape(-1)
-  eval_fn = preprocess.eval_fn(augment, image_size, dataset.channels, dataset.mean, dataset.std)
+    This process gets slots ``first_slot .. first_slot + num_local_slots - 1`` of every global eval
+    batch. Elements: ``{'image', 'label', 'mask'}`` with mask 0 on padding.
+    """
+    split = dataset.eval
+    idx, mask = order.eval_batches(split.num_examples, global_batch_size)
+    idx = idx[:, first_slot : first_slot + num_local_slots].reshape(-1)
+    mask = mask[:, first_slot : first_slot + num_local_slots].reshape(-1)
+    eval_fn = preprocess.eval_fn(augment, image_size, dataset.channels, dataset.mean, dataset.std)
 
-  def load_example(i, m):
-    image, label = split.read(i)
-    return {"image": eval_fn(image), "label": tf.cast(label, tf.int32), "mask": m}
+    def load_example(i, m):
+        image, label = split.read(i)
+        return {"image": eval_fn(image), "label": tf.cast(label, tf.int32), "mask": m}
 
-  ds = tf.data.Dataset.from_tensor_slices((idx, mask))
-  ds = ds.map(load_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(num_local_slots, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(_options())
-  return ds.as_numpy_iterator()
+    ds = tf.data.Dataset.from_tensor_slices((idx, mask))
+    ds = ds.map(load_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(num_local_slots, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(_options())
+    return ds.as_numpy_iterator()

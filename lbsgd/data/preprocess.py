@@ -35,120 +35,122 @@ TRAIN_RESIZE_METHOD = "bilinear"
 
 
 def _decode(encoded: tf.Tensor, channels: int) -> tf.Tensor:
-  image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
-  image.set_shape([None, None, channels])
-  return image
+    image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
+    image.set_shape([None, None, channels])
+    return image
 
 
 def _normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
-  image = tf.cast(image, tf.float32) / 255.0
-  return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+    image = tf.cast(image, tf.float32) / 255.0
+    return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 
-def random_crop_window(image_hw: tf.Tensor, seed: tf.Tensor, area_range=CROP_AREA, aspect_range=CROP_ASPECT,
-                       attempts: int = CROP_ATTEMPTS) -> tf.Tensor:
-  """The random-size crop window ``[y, x, h, w]`` (int32) of Goyal §5.1 / fb.resnet.torch, stateless.
+def random_crop_window(
+    image_hw: tf.Tensor, seed: tf.Tensor, area_range=CROP_AREA, aspect_range=CROP_ASPECT, attempts: int = CROP_ATTEMPTS
+) -> tf.Tensor:
+    """The random-size crop window ``[y, x, h, w]`` (int32) of Goyal §5.1 / fb.resnet.torch, stateless.
 
-  Each of ``attempts`` candidates draws an area A·U(area_range) (A = image area), an aspect ratio
-  r ~ U(aspect_range), w = round(sqrt(area·r)), h = round(sqrt(area/r)), swaps w and h with
-  probability 1/2, and a uniformly placed top-left corner. The first candidate that fits inside the
-  image is taken; if none fits, the central square of side min(height, width) (what fb.resnet.torch's
-  fallback, scale + center crop, sees).
-  """
-  hw = tf.cast(image_hw[:2], tf.float32)
-  img_h, img_w = hw[0], hw[1]
-  u = tf.random.stateless_uniform([5, attempts], seed=seed, dtype=tf.float32)
-  area = (area_range[0] + (area_range[1] - area_range[0]) * u[0]) * img_h * img_w
-  aspect = aspect_range[0] + (aspect_range[1] - aspect_range[0]) * u[1]
-  w = tf.maximum(tf.round(tf.sqrt(area * aspect)), 1.0)
-  h = tf.maximum(tf.round(tf.sqrt(area / aspect)), 1.0)
-  swap = u[2] < 0.5
-  w, h = tf.where(swap, h, w), tf.where(swap, w, h)
-  fits = (h <= img_h) & (w <= img_w)
-  y = tf.minimum(tf.floor(u[3] * (img_h - h + 1.0)), tf.maximum(img_h - h, 0.0))
-  x = tf.minimum(tf.floor(u[4] * (img_w - w + 1.0)), tf.maximum(img_w - w, 0.0))
-  first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)  # index of the first fit (0 if none)
-  side = tf.minimum(img_h, img_w)
-  fallback = tf.stack([tf.floor((img_h - side) / 2), tf.floor((img_w - side) / 2), side, side])
-  window = tf.where(tf.reduce_any(fits), tf.stack([y[first], x[first], h[first], w[first]]), fallback)
-  return tf.cast(window, tf.int32)
+    Each of ``attempts`` candidates draws an area A·U(area_range) (A = image area), an aspect ratio
+    r ~ U(aspect_range), w = round(sqrt(area·r)), h = round(sqrt(area/r)), swaps w and h with
+    probability 1/2, and a uniformly placed top-left corner. The first candidate that fits inside the
+    image is taken; if none fits, the central square of side min(height, width) (what fb.resnet.torch's
+    fallback, scale + center crop, sees).
+    """
+    hw = tf.cast(image_hw[:2], tf.float32)
+    img_h, img_w = hw[0], hw[1]
+    u = tf.random.stateless_uniform([5, attempts], seed=seed, dtype=tf.float32)
+    area = (area_range[0] + (area_range[1] - area_range[0]) * u[0]) * img_h * img_w
+    aspect = aspect_range[0] + (aspect_range[1] - aspect_range[0]) * u[1]
+    w = tf.maximum(tf.round(tf.sqrt(area * aspect)), 1.0)
+    h = tf.maximum(tf.round(tf.sqrt(area / aspect)), 1.0)
+    swap = u[2] < 0.5
+    w, h = tf.where(swap, h, w), tf.where(swap, w, h)
+    fits = (h <= img_h) & (w <= img_w)
+    y = tf.minimum(tf.floor(u[3] * (img_h - h + 1.0)), tf.maximum(img_h - h, 0.0))
+    x = tf.minimum(tf.floor(u[4] * (img_w - w + 1.0)), tf.maximum(img_w - w, 0.0))
+    first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)  # index of the first fit (0 if none)
+    side = tf.minimum(img_h, img_w)
+    fallback = tf.stack([tf.floor((img_h - side) / 2), tf.floor((img_w - side) / 2), side, side])
+    window = tf.where(tf.reduce_any(fits), tf.stack([y[first], x[first], h[first], w[first]]), fallback)
+    return tf.cast(window, tf.int32)
 
 
 def inception_params(image_hw: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-  """``(crop window [y, x, h, w], flip: bool)`` of one training example, a function of ``seed`` only."""
-  seeds = tf.random.experimental.stateless_split(seed, 2)
-  window = random_crop_window(image_hw, seeds[0])
-  flip = tf.random.stateless_uniform([], seed=seeds[1], dtype=tf.float32) < 0.5
-  return window, flip
+    """``(crop window [y, x, h, w], flip: bool)`` of one training example, a function of ``seed`` only."""
+    seeds = tf.random.experimental.stateless_split(seed, 2)
+    window = random_crop_window(image_hw, seeds[0])
+    flip = tf.random.stateless_uniform([], seed=seeds[1], dtype=tf.float32) < 0.5
+    return window, flip
 
 
 def inception_crop(encoded: tf.Tensor, seed: tf.Tensor, image_size: int, channels: int) -> tf.Tensor:
-  """Random-size crop + resize + random flip (Goyal §5.1); a JPEG is decoded only inside the crop window.
+    """Random-size crop + resize + random flip (Goyal §5.1); a JPEG is decoded only inside the crop window.
 
-  Returns float32 ``[image_size, image_size, channels]`` on the 0..255 scale.
-  """
-  def jpeg():
-    hw = tf.image.extract_jpeg_shape(encoded)[:2]
-    window, flip = inception_params(hw, seed)
-    return tf.image.decode_and_crop_jpeg(encoded, window, channels=channels), flip
+    Returns float32 ``[image_size, image_size, channels]`` on the 0..255 scale.
+    """
 
-  def other():  # PNG, GIF, BMP: these formats cannot be decoded partially
-    full = _decode(encoded, channels)
-    window, flip = inception_params(tf.shape(full)[:2], seed)
-    return tf.slice(full, tf.stack([window[0], window[1], 0]), tf.stack([window[2], window[3], channels])), flip
+    def jpeg():
+        hw = tf.image.extract_jpeg_shape(encoded)[:2]
+        window, flip = inception_params(hw, seed)
+        return tf.image.decode_and_crop_jpeg(encoded, window, channels=channels), flip
 
-  crop, flip = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
-  crop.set_shape([None, None, channels])
-  image = tf.image.resize(crop, [image_size, image_size], method=TRAIN_RESIZE_METHOD, antialias=False)
-  return tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+    def other():  # PNG, GIF, BMP: these formats cannot be decoded partially
+        full = _decode(encoded, channels)
+        window, flip = inception_params(tf.shape(full)[:2], seed)
+        return tf.slice(full, tf.stack([window[0], window[1], 0]), tf.stack([window[2], window[3], channels])), flip
+
+    crop, flip = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
+    crop.set_shape([None, None, channels])
+    image = tf.image.resize(crop, [image_size, image_size], method=TRAIN_RESIZE_METHOD, antialias=False)
+    return tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
 
 
 def center_crop(encoded: tf.Tensor, image_size: int, channels: int) -> tf.Tensor:
-  """Evaluation view (Goyal §5.1, single 224x224 crop): shorter side to image_size·256/224, central crop.
+    """Evaluation view (Goyal §5.1, single 224x224 crop): shorter side to image_size·256/224, central crop.
 
-  Deterministic. Returns float32 ``[image_size, image_size, channels]`` on the 0..255 scale.
-  """
-  image = _decode(encoded, channels)
-  shape = tf.cast(tf.shape(image)[:2], tf.float32)
-  scale = (image_size * EVAL_RESIZE_RATIO) / tf.reduce_min(shape)
-  new = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), image_size)
-  image = tf.image.resize(image, new, method="bilinear", antialias=True)
-  top = (new[0] - image_size) // 2
-  left = (new[1] - image_size) // 2
-  return tf.image.crop_to_bounding_box(image, top, left, image_size, image_size)
+    Deterministic. Returns float32 ``[image_size, image_size, channels]`` on the 0..255 scale.
+    """
+    image = _decode(encoded, channels)
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = (image_size * EVAL_RESIZE_RATIO) / tf.reduce_min(shape)
+    new = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), image_size)
+    image = tf.image.resize(image, new, method="bilinear", antialias=True)
+    top = (new[0] - image_size) // 2
+    left = (new[1] - image_size) // 2
+    return tf.image.crop_to_bounding_box(image, top, left, image_size, image_size)
 
 
 def train_fn(augment: str, image_size: int, channels: int, mean, std) -> Callable:
-  """``fn(encoded, seed[2]) -> float32 [image_size, image_size, channels]`` for training (normalised)."""
-  if augment not in AUGMENTATIONS:
-    raise ValueError(f"unknown config.augment {augment!r}: use one of {', '.join(AUGMENTATIONS)}")
+    """``fn(encoded, seed[2]) -> float32 [image_size, image_size, channels]`` for training (normalised)."""
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"unknown config.augment {augment!r}: use one of {', '.join(AUGMENTATIONS)}")
 
-  def fn(encoded, seed):
-    if augment == "inception":
-      image = inception_crop(encoded, seed, image_size, channels)
-    else:
-      image = _decode(encoded, channels)
-      if augment == "shift":
-        padded = tf.pad(image, [[1, 1], [1, 1], [0, 0]])
-        image = tf.image.stateless_random_crop(padded, tf.shape(image), seed=seed)
-      image = tf.ensure_shape(image, [image_size, image_size, channels])
-    return _normalize(image, mean, std)
+    def fn(encoded, seed):
+        if augment == "inception":
+            image = inception_crop(encoded, seed, image_size, channels)
+        else:
+            image = _decode(encoded, channels)
+            if augment == "shift":
+                padded = tf.pad(image, [[1, 1], [1, 1], [0, 0]])
+                image = tf.image.stateless_random_crop(padded, tf.shape(image), seed=seed)
+            image = tf.ensure_shape(image, [image_size, image_size, channels])
+        return _normalize(image, mean, std)
 
-  return fn
+    return fn
 
 
 def eval_fn(augment: str, image_size: int, channels: int, mean, std) -> Callable:
-  """``fn(encoded) -> float32 [image_size, image_size, channels]`` for evaluation (normalised).
+    """``fn(encoded) -> float32 [image_size, image_size, channels]`` for evaluation (normalised).
 
-  Datasets trained with 'inception' crops are evaluated on the center crop; others as they are.
-  """
-  mode = "center_crop" if augment == "inception" else "none"
+    Datasets trained with 'inception' crops are evaluated on the center crop; others as they are.
+    """
+    mode = "center_crop" if augment == "inception" else "none"
 
-  def fn(encoded):
-    if mode == "center_crop":
-      image = center_crop(encoded, image_size, channels)
-    else:
-      image = tf.ensure_shape(_decode(encoded, channels), [image_size, image_size, channels])
-    return _normalize(image, mean, std)
+    def fn(encoded):
+        if mode == "center_crop":
+            image = center_crop(encoded, image_size, channels)
+        else:
+            image = tf.ensure_shape(_decode(encoded, channels), [image_size, image_size, channels])
+        return _normalize(image, mean, std)
 
-  return fn
+    return fn

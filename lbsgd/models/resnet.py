@@ -17,7 +17,7 @@ This module imports only jax and flax.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -44,6 +44,14 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # He et 
 dense_init = nn.initializers.normal(stddev=0.01)  # Goyal §5.1
 
 
+def _add_shortcut(block: nn.Module, residual, y):
+    """relu(shortcut(x) + F(x)): identity, or a strided 1x1 projection + BN when the shape changes."""
+    if residual.shape != y.shape:
+        residual = block.conv(y.shape[-1], (1, 1), (block.strides, block.strides), name="proj_conv")(residual)
+        residual = block.norm(name="proj_bn")(residual)
+    return nn.relu(residual + y)
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with an identity (or 1x1 projection) shortcut."""
 
@@ -59,10 +67,7 @@ class BasicBlock(nn.Module):
         y = nn.relu(self.norm()(y))
         y = self.conv(self.filters, (3, 3))(y)
         y = self.norm(scale_init=nn.initializers.zeros)(y)  # zero-γ
-        if residual.shape != y.shape:
-            residual = self.conv(self.filters, (1, 1), (self.strides, self.strides), name="proj_conv")(residual)
-            residual = self.norm(name="proj_bn")(residual)
-        return nn.relu(residual + y)
+        return _add_shortcut(self, residual, y)
 
 
 class BottleneckBlock(nn.Module):
@@ -81,10 +86,7 @@ class BottleneckBlock(nn.Module):
         y = nn.relu(self.norm()(y))
         y = self.conv(self.filters * 4, (1, 1))(y)
         y = self.norm(scale_init=nn.initializers.zeros)(y)  # zero-γ
-        if residual.shape != y.shape:
-            residual = self.conv(self.filters * 4, (1, 1), (self.strides, self.strides), name="proj_conv")(residual)
-            residual = self.norm(name="proj_bn")(residual)
-        return nn.relu(residual + y)
+        return _add_shortcut(self, residual, y)
 
 
 class ResNet(nn.Module):
@@ -140,8 +142,15 @@ class ResNet(nn.Module):
         return x.astype(jnp.float32)
 
 
-def create_model(name: str, *, num_classes: int, dtype: Any = jnp.float32, width: int | None = None,
-                 stem: str | None = None, bn_momentum: float = 0.9) -> ResNet:
+def create_model(
+    name: str,
+    *,
+    num_classes: int,
+    dtype: Any = jnp.float32,
+    width: int | None = None,
+    stem: str | None = None,
+    bn_momentum: float = 0.9,
+) -> ResNet:
     """Build a ResNet by name (see ``ARCHITECTURES``); ``stem``/``width`` override the defaults."""
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown model {name!r}: use one of {', '.join(ARCHITECTURES)}")
@@ -149,5 +158,12 @@ def create_model(name: str, *, num_classes: int, dtype: Any = jnp.float32, width
     stem = stem or default_stem
     if width is None:
         width = 16 if default_stem == "small" else 64
-    return ResNet(stage_sizes=stages, block=block, num_classes=num_classes, stem=stem, width=width,
-                  dtype=dtype, bn_momentum=bn_momentum)
+    return ResNet(
+        stage_sizes=stages,
+        block=block,
+        num_classes=num_classes,
+        stem=stem,
+        width=width,
+        dtype=dtype,
+        bn_momentum=bn_momentum,
+    )

@@ -61,8 +61,8 @@ def _static_axis_size(axis_name, axis_size: int | None) -> int:
         p = int(axis_size)
     except TypeError as e:  # a tracer: size unknown at trace time
         raise ValueError(
-            f"the size of mesh axis {axis_name!r} must be static; pass "
-            "axis_size=<number of workers>") from e
+            f"the size of mesh axis {axis_name!r} must be static; pass axis_size=<number of workers>"
+        ) from e
     if p < 1:
         raise ValueError(f"axis size must be >= 1, got {p}")
     return p
@@ -211,9 +211,7 @@ def halving_doubling_allreduce(x, axis_name, *, axis_size: int | None = None):
         upper = (rank & d) != 0
         keep_off = lo + jnp.where(upper, half, 0)
         send_off = lo + jnp.where(upper, 0, half)
-        recv = lax.ppermute(
-            lax.dynamic_slice_in_dim(buf, send_off, half), axis_name,
-            _xor_perm(q, d))
+        recv = lax.ppermute(lax.dynamic_slice_in_dim(buf, send_off, half), axis_name, _xor_perm(q, d))
         kept = lax.dynamic_slice_in_dim(buf, keep_off, half) + recv
         buf = lax.dynamic_update_slice_in_dim(buf, kept, keep_off, axis=0)
         lo, seg, d = keep_off, half, d // 2
@@ -223,9 +221,7 @@ def halving_doubling_allreduce(x, axis_name, *, axis_size: int | None = None):
     while d < q:
         own_off = (rank // d) * d * c
         partner_off = ((rank ^ d) // d) * d * c
-        recv = lax.ppermute(
-            lax.dynamic_slice_in_dim(buf, own_off, d * c), axis_name,
-            _xor_perm(q, d))
+        recv = lax.ppermute(lax.dynamic_slice_in_dim(buf, own_off, d * c), axis_name, _xor_perm(q, d))
         buf = lax.dynamic_update_slice_in_dim(buf, recv, partner_off, axis=0)
         d *= 2
 
@@ -245,9 +241,7 @@ FLAT_ALGORITHMS: dict[str, Callable[..., Any]] = {
 
 def _check_method(method: str) -> Callable[..., Any]:
     if method not in FLAT_ALGORITHMS:
-        raise ValueError(
-            f"unknown config.aggregation={method!r}; valid values: "
-            f"{', '.join(AGGREGATIONS)}")
+        raise ValueError(f"unknown config.aggregation={method!r}; valid values: {', '.join(AGGREGATIONS)}")
     return FLAT_ALGORITHMS[method]
 
 
@@ -270,10 +264,12 @@ class Bucket:
 
     @property
     def size(self) -> int:
+        """Elements in the bucket."""
         return sum(self.sizes)
 
     @property
     def nbytes(self) -> int:
+        """Bytes in the bucket."""
         return self.size * np.dtype(self.dtype).itemsize
 
 
@@ -299,8 +295,7 @@ def plan_buckets(tree, bucket_mb: float | None = 25.0) -> list[Bucket]:
     def close(dt):
         members = open_.pop(dt, [])
         if members:
-            done.append(Bucket(dt, tuple(i for i, _ in members),
-                               tuple(s for _, s in members)))
+            done.append(Bucket(dt, tuple(i for i, _ in members), tuple(s for _, s in members)))
 
     for i, leaf in enumerate(jax.tree.leaves(tree)):
         dt = np.dtype(leaf.dtype)
@@ -323,13 +318,13 @@ def flatten_buckets(leaves: Sequence[Any], buckets: Sequence[Bucket]):
     """Concatenate the leaves of each bucket into one flat 1-D buffer."""
     return [
         jnp.concatenate([jnp.ravel(leaves[i]) for i in b.leaves])
-        if len(b.leaves) > 1 else jnp.ravel(leaves[b.leaves[0]])
+        if len(b.leaves) > 1
+        else jnp.ravel(leaves[b.leaves[0]])
         for b in buckets
     ]
 
 
-def unflatten_buckets(buffers: Sequence[Any], buckets: Sequence[Bucket],
-                      leaves: Sequence[Any]) -> list[Any]:
+def unflatten_buckets(buffers: Sequence[Any], buckets: Sequence[Bucket], leaves: Sequence[Any]) -> list[Any]:
     """Inverse of ``flatten_buckets``: split buffers back into leaf shapes.
 
     ``leaves`` supplies the original shapes and dtypes (and the values of
@@ -339,14 +334,14 @@ def unflatten_buckets(buffers: Sequence[Any], buckets: Sequence[Bucket],
     for buf, b in zip(buffers, buckets):
         off = 0
         for i, size in zip(b.leaves, b.sizes):
-            out[i] = buf[off:off + size].reshape(jnp.shape(leaves[i]))
+            out[i] = buf[off : off + size].reshape(jnp.shape(leaves[i]))
             off += size
     return out
 
 
-def allreduce_sum(tree, axis_name, *, method: str = "psum",
-                  bucket_mb: float | None = 25.0,
-                  axis_size: int | None = None):
+def allreduce_sum(
+    tree, axis_name, *, method: str = "psum", bucket_mb: float | None = 25.0, axis_size: int | None = None
+):
     """Sum a pytree over the named mesh axis (call inside ``jax.shard_map``).
 
     Goyal et al. §4: the leaves are packed into same-dtype buckets of at most
@@ -369,5 +364,4 @@ def allreduce_sum(tree, axis_name, *, method: str = "psum",
     buckets = plan_buckets(leaves, bucket_mb)
     buffers = flatten_buckets(leaves, buckets)
     summed = [algo(buf, axis_name, axis_size=axis_size) for buf in buffers]
-    return jax.tree.unflatten(treedef,
-                              unflatten_buckets(summed, buckets, leaves))
+    return jax.tree.unflatten(treedef, unflatten_buckets(summed, buckets, leaves))

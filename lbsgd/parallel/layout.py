@@ -17,74 +17,78 @@ AXIS = "devices"  # the mesh axis; one entry per device, each running k/d worker
 
 
 class LayoutError(ValueError):
-  """Workers that cannot be placed on the available devices; the message says how to fix it."""
+    """Workers that cannot be placed on the available devices; the message says how to fix it."""
 
 
 @dataclasses.dataclass(frozen=True)
 class WorkerLayout:
-  """k workers on d devices of P processes (this process is ``process_index``)."""
+    """k workers on d devices of P processes (this process is ``process_index``)."""
 
-  num_workers: int
-  devices: tuple  # the mesh's devices, in mesh order
-  process_index: int
-  num_processes: int
+    num_workers: int
+    devices: tuple  # the mesh's devices, in mesh order
+    process_index: int
+    num_processes: int
 
-  @property
-  def num_devices(self) -> int:
-    """d, the number of devices in the mesh."""
-    return len(self.devices)
+    @property
+    def num_devices(self) -> int:
+        """d, the number of devices in the mesh."""
+        return len(self.devices)
 
-  @property
-  def workers_per_device(self) -> int:
-    """m = k / d."""
-    return self.num_workers // self.num_devices
+    @property
+    def workers_per_device(self) -> int:
+        """m = k / d."""
+        return self.num_workers // self.num_devices
 
-  @property
-  def local_device_positions(self) -> list[int]:
-    """Mesh positions of this process's devices (contiguous)."""
-    return [i for i, dev in enumerate(self.devices) if dev.process_index == self.process_index]
+    @property
+    def local_device_positions(self) -> list[int]:
+        """Mesh positions of this process's devices (contiguous)."""
+        return [i for i, dev in enumerate(self.devices) if dev.process_index == self.process_index]
 
-  @property
-  def first_worker(self) -> int:
-    """The first worker fed by this process."""
-    return self.local_device_positions[0] * self.workers_per_device
+    @property
+    def first_worker(self) -> int:
+        """The first worker fed by this process."""
+        return self.local_device_positions[0] * self.workers_per_device
 
-  @property
-  def local_workers(self) -> int:
-    """Number of workers fed by this process."""
-    return len(self.local_device_positions) * self.workers_per_device
+    @property
+    def local_workers(self) -> int:
+        """Number of workers fed by this process."""
+        return len(self.local_device_positions) * self.workers_per_device
 
-  @property
-  def mesh(self) -> Mesh:
-    """The 1-D mesh over ``devices`` with axis ``AXIS``."""
-    return Mesh(np.array(self.devices), (AXIS,))
+    @property
+    def mesh(self) -> Mesh:
+        """The 1-D mesh over ``devices`` with axis ``AXIS``."""
+        return Mesh(np.array(self.devices), (AXIS,))
 
-  def sharding(self, spec: P = P()) -> NamedSharding:
-    """A NamedSharding on this layout's mesh."""
-    return NamedSharding(self.mesh, spec)
+    def sharding(self, spec: P = P()) -> NamedSharding:
+        """A NamedSharding on this layout's mesh."""
+        return NamedSharding(self.mesh, spec)
 
 
 def make_layout(num_workers: int, num_devices: int = 0) -> WorkerLayout:
-  """Place k = ``num_workers`` workers on ``num_devices`` devices (0 = every device of every process).
+    """Place k = ``num_workers`` workers on ``num_devices`` devices (0 = every device of every process).
 
-  With several processes the devices are taken evenly from each process. Raises LayoutError when
-  the device count does not divide k or more devices are asked for than exist.
-  """
-  nproc, pid = jax.process_count(), jax.process_index()
-  everything = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
-  total = len(everything)
-  d = num_devices or total
-  if d > total:
-    raise LayoutError(f"config.num_devices={d} but only {total} devices exist; use --config.num_devices=0 (all) "
-                      f"or at most {total}")
-  if d % nproc:
-    raise LayoutError(f"config.num_devices={d} must be a multiple of the process count {nproc}")
-  if num_workers < d or num_workers % d:
-    raise LayoutError(f"config.num_workers={num_workers} must be a positive multiple of the {d} devices in use; "
-                      f"set --config.num_workers to a multiple of {d} or --config.num_devices to a divisor of "
-                      f"{num_workers}")
-  per_process = d // nproc
-  chosen = []
-  for p in range(nproc):
-    chosen += [dev for dev in everything if dev.process_index == p][:per_process]
-  return WorkerLayout(num_workers=num_workers, devices=tuple(chosen), process_index=pid, num_processes=nproc)
+    With several processes the devices are taken evenly from each process. Raises LayoutError when
+    the device count does not divide k or more devices are asked for than exist.
+    """
+    nproc, pid = jax.process_count(), jax.process_index()
+    everything = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    total = len(everything)
+    d = num_devices or total
+    if d > total:
+        raise LayoutError(
+            f"config.num_devices={d} but only {total} devices exist; use --config.num_devices=0 (all) "
+            f"or at most {total}"
+        )
+    if d % nproc:
+        raise LayoutError(f"config.num_devices={d} must be a multiple of the process count {nproc}")
+    if num_workers < d or num_workers % d:
+        raise LayoutError(
+            f"config.num_workers={num_workers} must be a positive multiple of the {d} devices in use; "
+            f"set --config.num_workers to a multiple of {d} or --config.num_devices to a divisor of "
+            f"{num_workers}"
+        )
+    per_process = d // nproc
+    chosen = []
+    for p in range(nproc):
+        chosen += [dev for dev in everything if dev.process_index == p][:per_process]
+    return WorkerLayout(num_workers=num_workers, devices=tuple(chosen), process_index=pid, num_processes=nproc)
