@@ -22,6 +22,8 @@ import sys
 import time
 from typing import Callable, Sequence, Union
 
+from lbsgd import cli
+
 Command = Callable[[Sequence[str]], int]
 
 # name -> command; filled in below, after the commands are defined.
@@ -38,15 +40,6 @@ def _resolve(target: Union[Command, str]) -> Command:
         return target
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error message, exit status 2."""
-
-    def error(self, message):
-        """Print one line and exit 2 (overrides argparse's usage dump)."""
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
 
 
 # --------------------------------------------------------------------------
@@ -112,7 +105,7 @@ def _ensure_host_devices(count: int = 8) -> None:
 
 def allreduce_main(argv: Sequence[str]) -> int:
     """``python -m lbsgd.bench allreduce``: ring / halving_doubling vs psum."""
-    ap = _Parser(
+    ap = cli.ArgumentParser(
         prog="python -m lbsgd.bench allreduce",
         description="Time allreduce algorithms (Goyal et al. §4) against lax.psum on the first p devices.",
     )

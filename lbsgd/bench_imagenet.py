@@ -15,32 +15,16 @@ Neither imports TensorFlow unless it needs it (``step`` runs where only JAX is i
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
 import statistics
-import sys
 import tempfile
 import time
 from typing import Sequence
 
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error message, exit status 2."""
-
-    def error(self, message):
-        """Print one line and exit 2."""
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1: {value}")
-    return value
+from lbsgd import cli
 
 
 def _cores() -> int:
@@ -98,7 +82,7 @@ def _time_iterator(it, batch_size: int, warmup: int, batches: int) -> float:
 
 def input_main(argv: Sequence[str]) -> int:
     """``python -m lbsgd.bench input``: images/s (and per core) of the training and eval input pipeline."""
-    ap = _Parser(
+    ap = cli.ArgumentParser(
         prog="python -m lbsgd.bench input",
         description="Throughput of the tf.data ImageNet pipeline on generated JPEGs.",
     )
@@ -107,12 +91,12 @@ def input_main(argv: Sequence[str]) -> int:
         default=None,
         help="an existing folder dataset (train/<class>/*.jpg); default: generate JPEGs in a temporary folder",
     )
-    ap.add_argument("--num_images", type=_positive, default=256, help="JPEGs to generate (default 256)")
-    ap.add_argument("--width", type=_positive, default=500)
-    ap.add_argument("--height", type=_positive, default=375)
-    ap.add_argument("--image_size", type=_positive, default=224)
-    ap.add_argument("--batch_size", type=_positive, default=64, help="images per batch (k·n of one host)")
-    ap.add_argument("--batches", type=_positive, default=12, help="timed batches (default 12)")
+    ap.add_argument("--num_images", type=cli.positive(int), default=256, help="JPEGs to generate (default 256)")
+    ap.add_argument("--width", type=cli.positive(int), default=500)
+    ap.add_argument("--height", type=cli.positive(int), default=375)
+    ap.add_argument("--image_size", type=cli.positive(int), default=224)
+    ap.add_argument("--batch_size", type=cli.positive(int), default=64, help="images per batch (k·n of one host)")
+    ap.add_argument("--batches", type=cli.positive(int), default=12, help="timed batches (default 12)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed batches first (default 2)")
     ap.add_argument("--json", default=None, help="write results to this path")
     args = ap.parse_args(argv)
@@ -223,21 +207,24 @@ def jaxpr_flops(jaxpr) -> float:
 
 def step_main(argv: Sequence[str]) -> int:
     """``python -m lbsgd.bench step``: images/s of the real train step for one model."""
-    ap = _Parser(
+    ap = cli.ArgumentParser(
         prog="python -m lbsgd.bench step",
         description="Throughput of lbsgd.train's train step (k workers x n images) on random inputs.",
     )
     ap.add_argument("--model", default="resnet50")
     ap.add_argument(
-        "--image_size", type=_positive, default=None, help="default 224 for ImageNet models, 32 for small-image ones"
+        "--image_size",
+        type=cli.positive(int),
+        default=None,
+        help="default 224 for ImageNet models, 32 for small-image ones",
     )
-    ap.add_argument("--num_classes", type=_positive, default=1000)
-    ap.add_argument("--num_workers", type=_positive, default=1, help="k (default 1)")
-    ap.add_argument("--per_worker_batch_size", type=_positive, default=8, help="n (default 8; the paper: 32)")
-    ap.add_argument("--num_devices", type=_positive, default=1, help="devices to spread the k workers over")
+    ap.add_argument("--num_classes", type=cli.positive(int), default=1000)
+    ap.add_argument("--num_workers", type=cli.positive(int), default=1, help="k (default 1)")
+    ap.add_argument("--per_worker_batch_size", type=cli.positive(int), default=8, help="n (default 8; the paper: 32)")
+    ap.add_argument("--num_devices", type=cli.positive(int), default=1, help="devices to spread the k workers over")
     ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
     ap.add_argument("--aggregation", default="psum")
-    ap.add_argument("--repeats", type=_positive, default=5, help="timed steps (default 5)")
+    ap.add_argument("--repeats", type=cli.positive(int), default=5, help="timed steps (default 5)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling (default 1)")
     ap.add_argument("--json", default=None, help="write results to this path")
     args = ap.parse_args(argv)

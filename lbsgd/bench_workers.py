@@ -13,23 +13,24 @@ Ratios are against ``one_bn`` in the same run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import sys
 import time
 
+from lbsgd import cli
+
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m lbsgd.bench workers", description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(prog="python -m lbsgd.bench workers", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="resnet50")
     p.add_argument("--image_size", type=int, default=None, help="default: 224 for ImageNet models, 32 otherwise")
-    p.add_argument("--per_worker_batch_size", type=int, default=32)
+    p.add_argument("--per_worker_batch_size", type=cli.positive(int), default=32)
     p.add_argument("--workers", default="1,2,4,8", help="comma-separated m values (workers per device)")
     p.add_argument("--modes", default="vmap,accumulate,one_bn")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=cli.positive(int), default=10)
     p.add_argument("--json", default=None, help="write results to this path")
     return p.parse_args(argv)
 

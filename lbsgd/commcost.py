@@ -25,11 +25,12 @@ Sizes: 1 MB here means 1 MiB = 2**20 bytes; bandwidth is in Gbit/s = 1e9 bit/s.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
 from typing import Callable, Iterable, Sequence
+
+from lbsgd import cli
 
 MIB = 1 << 20
 
@@ -262,40 +263,21 @@ def plot(path: str, max_p: int, nbytes: float, alpha: float, beta: float, gamma:
     plt.close(fig)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error message, exit status 2."""
-
-    def error(self, message):
-        """Print one line and exit 2."""
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
-
-
-def _positive(kind):
-    def conv(s):
-        v = kind(s)
-        if not v > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
-        return v
-
-    return conv
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m lbsgd.commcost``: print the table, write the PNG; returns the exit status."""
-    ap = _Parser(
+    ap = cli.ArgumentParser(
         prog="python -m lbsgd.commcost",
         description="alpha-beta-gamma model: ring vs recursive halving/doubling allreduce (Goyal et al. §4).",
     )
     ap.add_argument(
         "--message_mb",
-        type=_positive(float),
+        type=cli.positive(float),
         default=DEFAULT_MESSAGE_MB,
         help="message size in MiB (default 100: ResNet-50's ~25.6M float32 gradients)",
     )
     ap.add_argument(
         "--bandwidth_gbit",
-        type=_positive(float),
+        type=cli.positive(float),
         default=DEFAULT_BANDWIDTH_GBIT,
         help="link bandwidth, Gbit/s (default 50, Goyal's Ethernet)",
     )
@@ -308,9 +290,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=DEFAULT_REDUCE_GBYTE_S,
         help="reduction throughput in GB/s, gamma = 1/this; 0 = free (default 10)",
     )
-    ap.add_argument("--max_p", type=_positive(int), default=4096, help="largest worker count (default 4096)")
+    ap.add_argument("--max_p", type=cli.positive(int), default=4096, help="largest worker count (default 4096)")
     ap.add_argument(
-        "--fixed_p", type=_positive(int), default=1000, help="p for the time-vs-message-size panel (default 1000)"
+        "--fixed_p", type=cli.positive(int), default=1000, help="p for the time-vs-message-size panel (default 1000)"
     )
     ap.add_argument("--out", default="commcost.png", help="PNG path; a directory means <dir>/commcost.png")
     args = ap.parse_args(argv)

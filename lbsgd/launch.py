@@ -21,6 +21,8 @@ import sys
 import threading
 import time
 
+from lbsgd import cli
+
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     """True when nothing listens on ``host:port``."""
@@ -54,7 +56,7 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         own, main_args = argv[:i], argv[i + 1 :]
     else:
         own, main_args = argv, []
-    p = argparse.ArgumentParser(prog="python -m lbsgd.launch", description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(prog="python -m lbsgd.launch", description=__doc__.splitlines()[0])
     p.add_argument("--num_processes", type=int, default=2)
     p.add_argument("--devices_per_process", type=int, default=4)
     p.add_argument("--port", type=int, default=0, help="coordinator port on 127.0.0.1 (0 = pick a free one)")

@@ -1,0 +1,29 @@
+"""Command-line helpers shared by lbsgd's tools: bad input is one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (``prog: error: message``) and exit status 2, no usage dump."""
+
+    def error(self, message):
+        """Print one line and exit 2."""
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def positive(kind: Callable = int) -> Callable[[str], object]:
+    """An argparse ``type`` that converts with ``kind`` and rejects values <= 0."""
+
+    def convert(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    convert.__name__ = kind.__name__  # argparse names the type in its message
+    return convert
