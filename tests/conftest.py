@@ -48,14 +48,19 @@ def tiny_config(data_dir, **overrides):
     return c
 
 
-def run_main(*args, env=None, timeout=300):
-    """Run ``python -m lbsgd.main`` in a subprocess; returns CompletedProcess (text)."""
+def run_module(module, *args, env=None, timeout=300):
+    """Run ``python -m <module> <args>`` from the repo root in a subprocess; returns CompletedProcess (text)."""
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run(
-        [sys.executable, "-m", "lbsgd.main", *args],
+        [sys.executable, "-m", module, *args],
         cwd=REPO,
         env=full_env,
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def run_main(*args, env=None, timeout=300):
+    """Run ``python -m lbsgd.main <args>`` in a subprocess."""
+    return run_module("lbsgd.main", *args, env=env, timeout=timeout)

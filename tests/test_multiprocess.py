@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_config
+from conftest import REPO, run_module, tiny_config
 from lbsgd import train
 
 STEPS = 6
@@ -46,15 +46,7 @@ def reference(tmp_path_factory, data_dir):
 
 
 def _launch(args, timeout=400):
-    env = dict(os.environ)
-    return subprocess.run(
-        [sys.executable, "-m", "lbsgd.launch", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_module("lbsgd.launch", *args, timeout=timeout)
 
 
 LAYOUTS = {  # name: (num_devices, accumulation_steps) in this 8-device process
