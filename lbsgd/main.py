@@ -150,6 +150,9 @@ def main(argv) -> None:
         train.train_and_evaluate(config, FLAGS.workdir)
     except (validate.ConfigError, pipeline.DataError) as e:
         fail(str(e))
+    except train.Interrupted as e:
+        print(f"lbsgd: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
 
 
 def _latest_checkpoint(workdir: str | None) -> str:

@@ -19,7 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -258,6 +260,44 @@ def build_model(config, num_classes: int):
     )
 
 
+class Interrupted(Exception):
+    """Training stopped on a signal after checkpointing; ``str(e)`` says where and how to resume."""
+
+    def __init__(self, signum: int, step: int, checkpoint_dir: str):
+        self.exit_code = 128 + signum
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"stopped by {name} after step {step}; checkpoint saved in {checkpoint_dir}; "
+            f"rerun the same command to resume"
+        )
+
+
+class _StopOnSignal:
+    """First SIGTERM or SIGINT: finish the current step, checkpoint, stop (a second Ctrl-C stops at once).
+
+    Single-process runs only: with several processes the hosts must stop at the same step, which JAX's
+    preemption sync point (``CheckpointManager.reached_preemption``) arranges instead.
+    """
+
+    def __init__(self, enabled: bool):
+        self.signum = None
+        self._previous = {}
+        if enabled and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("%s received: stopping after this step with a checkpoint", signal.Signals(signum).name)
+
+    def restore(self) -> None:
+        """Put the previous signal handlers back."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def _blocking_needed() -> bool:
     # Measured hazard: on the CPU backend, a step with collectives dispatched while the previous one is
     # still running can abort the process (rendezvous timeout). Blocking on every step avoids it.
@@ -381,45 +421,58 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     block = _blocking_needed()
     window, last_metrics, eval_metrics = [], None, None
     t_train, timed_steps = None, 0
-    for step in range(start_step, total_steps):
-        b = global_batch(layout, next(batches))
-        state, metrics = train_step(state, b["image"], b["label"])
-        if block:
-            jax.block_until_ready(state)
-        window.append(metrics)
-        if t_train is None:  # the first step includes compilation: time from its end
-            jax.block_until_ready(metrics)
-            t_train = time.time()
-        else:
-            timed_steps += 1
-        done = step + 1
-        for h in hooks:
-            h(done)
-        if bar is not None:
-            bar.update(1)
-        if done % config.log_every_steps == 0 or done == total_steps:
-            means = {k_: float(np.mean([float(m_[k_]) for m_ in jax.device_get(window)])) for k_ in window[0]}
-            last_metrics = jax.device_get(metrics)
-            writer.write_scalars(done, {f"train_{k_}": v for k_, v in means.items()})
+    stop = _StopOnSignal(enabled=layout.num_processes == 1)
+    last_saved = start_step
+    try:
+        for step in range(start_step, total_steps):
+            b = global_batch(layout, next(batches))
+            state, metrics = train_step(state, b["image"], b["label"])
+            if block:
+                jax.block_until_ready(state)
+            window.append(metrics)
+            if t_train is None:  # the first step includes compilation: time from its end
+                jax.block_until_ready(metrics)
+                t_train = time.time()
+            else:
+                timed_steps += 1
+            done = step + 1
+            for h in hooks:
+                h(done)
             if bar is not None:
-                bar.set_postfix(loss=f"{means['loss']:.4f}", acc=f"{means['accuracy']:.3f}")
-            window = []
-        if (eval_every and done % eval_every == 0) or done == total_steps:
-            eval_metrics = evaluate(eval_step, state, dataset, layout, config)
-            writer.write_scalars(done, eval_metrics)
-            log.info(
-                "step %d/%d (epoch %.2f): eval accuracy %.4f, loss %.4f",
-                done,
-                total_steps,
-                done / spe,
-                eval_metrics["eval_accuracy"],
-                eval_metrics["eval_loss"],
-            )
-        if done % config.checkpoint_every_steps == 0 or done == total_steps:
-            mngr.save(done, args=ocp.args.StandardSave(state))
+                bar.update(1)
+            if done % config.log_every_steps == 0 or done == total_steps:
+                means = {k_: float(np.mean([float(m_[k_]) for m_ in jax.device_get(window)])) for k_ in window[0]}
+                last_metrics = jax.device_get(metrics)
+                writer.write_scalars(done, {f"train_{k_}": v for k_, v in means.items()})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{means['loss']:.4f}", acc=f"{means['accuracy']:.3f}")
+                window = []
+            if (eval_every and done % eval_every == 0) or done == total_steps:
+                eval_metrics = evaluate(eval_step, state, dataset, layout, config)
+                writer.write_scalars(done, eval_metrics)
+                log.info(
+                    "step %d/%d (epoch %.2f): eval accuracy %.4f, loss %.4f",
+                    done,
+                    total_steps,
+                    done / spe,
+                    eval_metrics["eval_accuracy"],
+                    eval_metrics["eval_loss"],
+                )
+            if done % config.checkpoint_every_steps == 0 or done == total_steps:
+                mngr.save(done, args=ocp.args.StandardSave(state))
+                last_saved = done
+            preempted = stop.signum is not None or (layout.num_processes > 1 and mngr.reached_preemption(done))
+            if preempted and done < total_steps:
+                if last_saved != done:
+                    mngr.save(done, args=ocp.args.StandardSave(state), force=True)
+                mngr.wait_until_finished()
+                raise Interrupted(stop.signum or signal.SIGTERM, done, ckpt_dir)
+    finally:
+        stop.restore()
+        if bar is not None:
+            bar.close()
+        writer.flush()
     t_end = time.time()
-    if bar is not None:
-        bar.close()
     if eval_metrics is None:  # nothing left to train (resumed a finished run): evaluate the final state
         eval_metrics = evaluate(eval_step, state, dataset, layout, config)
     if last_metrics is None:

@@ -152,3 +152,36 @@ def test_killed_run_resumes_to_the_same_result(reference_run, tmp_path, data_dir
     got = _read(tmp_path / "results.json")
     for field in ("eval_accuracy", "eval_loss", "train_loss", "steps", "epochs"):
         assert got[field] == pytest.approx(want[field], rel=1e-6, abs=1e-7), field
+
+
+def test_sigterm_saves_a_checkpoint_at_the_current_step_and_rerun_resumes(tmp_path, data_dir):
+    """Preemption: SIGTERM finishes the step, checkpoints it (off the periodic schedule) and exits 143."""
+    args = [
+        DIGITS,
+        f"--workdir={tmp_path}",
+        f"--config.data_dir={data_dir}",
+        *TINY,
+        "--config.num_epochs=5",
+        "--config.checkpoint_every_steps=1000",
+        "--config.log_every_steps=2",
+    ]
+    err_path = tmp_path / "stderr.txt"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lbsgd.main", *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=err
+        )
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and "train_loss" not in err_path.read_text():
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    last = [ln for ln in err_path.read_text().splitlines() if ln.startswith("lbsgd:")][-1]
+    assert "stopped by SIGTERM after step" in last and "rerun the same command" in last, last
+    step = int(last.split("after step ")[1].split(";")[0])
+    assert 0 < step < 5 * (1437 // 32)
+    assert (tmp_path / "checkpoints" / str(step)).is_dir()  # saved at the stop, not only every 1000 steps
+    rerun = run_main(*args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resumed from checkpoint at step {step}" in rerun.stderr
+    assert _read(tmp_path / "results.json")["steps"] == 5 * (1437 // 32)
