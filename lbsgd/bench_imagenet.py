@@ -205,6 +205,68 @@ def jaxpr_flops(jaxpr) -> float:
     return total
 
 
+def measure_step(
+    model,
+    layout,
+    *,
+    per_worker_batch_size: int,
+    image_size: int,
+    num_classes: int,
+    repeats: int,
+    warmup: int = 1,
+    accumulation_steps: int = 1,
+    aggregation: str = "psum",
+    count_flops: bool = False,
+) -> dict:
+    """Time the real train step (``lbsgd.train.make_train_step`` with ``goyal_sgd``) on random inputs.
+
+    k = ``layout.num_workers`` workers of n = ``per_worker_batch_size`` images. Compiles once, runs
+    ``warmup`` untimed steps, then ``repeats`` timed ones, each waited for (never two steps in flight:
+    the CPU collectives hazard). Returns ``{'times', 'compile_s', 'step_flops', 'loss'}``
+    (``step_flops`` = model FLOPs per step from the jaxpr when ``count_flops``, else 0).
+    """
+    import jax
+    import numpy as np
+
+    from lbsgd import optim, train
+
+    k, n = layout.num_workers, per_worker_batch_size
+    schedule = optim.goyal_schedule(0.1, k * n, steps_per_epoch=1000)
+    tx = optim.goyal_sgd(schedule)
+    state = train.create_train_state(model, tx, layout, (image_size, image_size, 3), seed=0)
+    step = train.make_train_step(
+        model,
+        tx,
+        schedule,
+        layout,
+        per_worker_batch_size=n,
+        aggregation=aggregation,
+        accumulation_steps=accumulation_steps,
+    )
+    rng = np.random.default_rng(0)
+    b = train.global_batch(
+        layout,
+        {
+            "image": rng.normal(size=(k * n, image_size, image_size, 3)).astype(np.float32),
+            "label": rng.integers(0, num_classes, size=(k * n,)).astype(np.int32),
+        },
+    )
+    t0 = time.perf_counter()
+    compiled = step.lower(state, b["image"], b["label"]).compile()
+    compile_s = time.perf_counter() - t0
+    flops = jaxpr_flops(jax.make_jaxpr(step)(state, b["image"], b["label"]).jaxpr) if count_flops else 0.0
+    for _ in range(max(warmup, 0)):
+        state, metrics = compiled(state, b["image"], b["label"])
+        jax.block_until_ready((state, metrics))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, b["image"], b["label"])
+        jax.block_until_ready((state, metrics))  # never two steps in flight (CPU collectives hazard)
+        times.append(time.perf_counter() - t0)
+    return {"times": times, "compile_s": compile_s, "step_flops": flops, "loss": float(metrics["loss"])}
+
+
 def step_main(argv: Sequence[str]) -> int:
     """``python -m lbsgd.bench step``: images/s of the real train step for one model."""
     ap = cli.ArgumentParser(
@@ -234,9 +296,8 @@ def step_main(argv: Sequence[str]) -> int:
 
         _ensure_host_devices(args.num_devices)  # only matters on CPU, and only before JAX starts
     import jax
-    import numpy as np
 
-    from lbsgd import optim, train
+    from lbsgd import train
     from lbsgd.models import resnet
     from lbsgd.parallel import layout as layout_lib
 
@@ -250,32 +311,18 @@ def step_main(argv: Sequence[str]) -> int:
     except layout_lib.LayoutError as e:
         ap.error(str(e))
     model = resnet.create_model(args.model, num_classes=args.num_classes, dtype=train._dtype(args.dtype))
-    schedule = optim.goyal_schedule(0.1, k * n, steps_per_epoch=1000)
-    tx = optim.goyal_sgd(schedule)
-    state = train.create_train_state(model, tx, layout, (size, size, 3), seed=0)
-    step = train.make_train_step(model, tx, schedule, layout, per_worker_batch_size=n, aggregation=args.aggregation)
-    rng = np.random.default_rng(0)
-    b = train.global_batch(
+    m = measure_step(
+        model,
         layout,
-        {
-            "image": rng.normal(size=(k * n, size, size, 3)).astype(np.float32),
-            "label": rng.integers(0, args.num_classes, size=(k * n,)).astype(np.int32),
-        },
+        per_worker_batch_size=n,
+        image_size=size,
+        num_classes=args.num_classes,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        aggregation=args.aggregation,
+        count_flops=True,
     )
-    t0 = time.perf_counter()
-    compiled = step.lower(state, b["image"], b["label"]).compile()
-    compile_s = time.perf_counter() - t0
-    flops = jaxpr_flops(jax.make_jaxpr(step)(state, b["image"], b["label"]).jaxpr)
-
-    for _ in range(max(args.warmup, 0)):
-        state, metrics = compiled(state, b["image"], b["label"])
-        jax.block_until_ready((state, metrics))
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, b["image"], b["label"])
-        jax.block_until_ready((state, metrics))  # never two steps in flight (CPU collectives hazard)
-        times.append(time.perf_counter() - t0)
+    times, compile_s, flops = m["times"], m["compile_s"], m["step_flops"]
     med = statistics.median(times)
     dev = layout.devices[0]
     kind = f"{dev.platform}: {dev.device_kind}"
@@ -298,7 +345,7 @@ def step_main(argv: Sequence[str]) -> int:
         images_per_second=ips,
         step_flops=flops,
         tflops_per_second=flops / med / 1e12,
-        loss=float(metrics["loss"]),
+        loss=m["loss"],
     )
     print(f"device kind: {kind}; {layout.num_devices} device(s); host cores: {_cores()}; jax {jax.__version__}")
     print(f"{args.model} {size}x{size} {args.dtype}: k={k} x n={n} = {k * n} images/step; compile {compile_s:.1f} s")

@@ -17,7 +17,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 from lbsgd import cli
 
@@ -36,54 +35,28 @@ def _parse(argv):
 
 
 def _time_step(model_name, image_size, dtype, m, n, mode, repeats):
-    import jax
+    """Median seconds per step of m workers x n images on one device, run the way ``mode`` says."""
     import jax.numpy as jnp
-    import types
 
-    import numpy as np
-
-    from lbsgd import optim, train
+    from lbsgd.bench_imagenet import measure_step
     from lbsgd.models import resnet
     from lbsgd.parallel import layout as layout_lib
 
     k, n_eff, acc = (1, m * n, 1) if mode == "one_bn" else (m, n, m if mode == "accumulate" else 1)
-    cfg = types.SimpleNamespace(
-        **dict(
-            num_workers=k,
-            per_worker_batch_size=n_eff,
-            base_learning_rate=0.1,
-            warmup="gradual",
-            warmup_epochs=5,
-            num_epochs=90,
-            optimizer="goyal_sgd",
-        )
-    )  # from_config reads attributes
-    tx, schedule = optim.from_config(cfg, 1000)
+    num_classes = 1000 if image_size >= 64 else 10
     model = resnet.create_model(
-        model_name,
-        num_classes=1000 if image_size >= 64 else 10,
-        dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
+        model_name, num_classes=num_classes, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
     )
-    lay = layout_lib.make_layout(k, 1)
-    state = train.create_train_state(model, tx, lay, (image_size, image_size, 3), 0)
-    step = train.make_train_step(model, tx, schedule, lay, per_worker_batch_size=n_eff, accumulation_steps=acc)
-    rng = np.random.default_rng(0)
-    batch = train.global_batch(
-        lay,
-        {
-            "image": rng.normal(size=(m * n, image_size, image_size, 3)).astype(np.float32),
-            "label": rng.integers(0, 10, size=(m * n,)).astype(np.int32),
-        },
+    result = measure_step(
+        model,
+        layout_lib.make_layout(k, 1),
+        per_worker_batch_size=n_eff,
+        image_size=image_size,
+        num_classes=num_classes,
+        repeats=repeats,
+        accumulation_steps=acc,
     )
-    state, metrics = step(state, batch["image"], batch["label"])  # compile + warm up
-    jax.block_until_ready(state)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        state, metrics = step(state, batch["image"], batch["label"])
-        jax.block_until_ready(state)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(result["times"])
 
 
 def main(argv=None) -> int:
