@@ -74,20 +74,13 @@ def check_config(config) -> None:
 
 def check_layout(config, num_devices_available: int, num_processes: int = 1) -> None:
     """k must be a positive multiple of the device count in use (which must exist)."""
-    d = config.num_devices or num_devices_available
-    if d > num_devices_available:
-        raise ConfigError(
-            f"config.num_devices={d} but only {num_devices_available} devices exist; "
-            f"use --config.num_devices=0 (all) or at most {num_devices_available}"
-        )
-    if d % num_processes:
-        raise ConfigError(f"config.num_devices={d} must be a multiple of the {num_processes} processes")
+    from lbsgd.parallel import layout
+
     k = config.num_workers
-    if k < d or k % d:
-        raise ConfigError(
-            f"config.num_workers={k} must be a multiple of the {d} devices in use; set "
-            f"--config.num_workers to a multiple of {d} or --config.num_devices to a divisor of {k}"
-        )
+    try:
+        d = layout.check_placement(k, config.num_devices, num_devices_available, num_processes)
+    except layout.LayoutError as e:
+        raise ConfigError(str(e)) from None
     m = k // d
     if config.accumulation_steps and m % config.accumulation_steps:
         raise ConfigError(

@@ -64,6 +64,29 @@ class WorkerLayout:
         return NamedSharding(self.mesh, spec)
 
 
+def check_placement(num_workers: int, num_devices: int, available: int, num_processes: int = 1) -> int:
+    """The device count d for k = ``num_workers`` workers (``num_devices`` 0 = all ``available``).
+
+    Raises LayoutError (a one-line fix) unless d devices exist, d is a multiple of the process count,
+    and k is a positive multiple of d. Pure: no JAX devices are touched.
+    """
+    d = num_devices or available
+    if d > available:
+        raise LayoutError(
+            f"config.num_devices={d} but only {available} devices exist; use --config.num_devices=0 (all) "
+            f"or at most {available}"
+        )
+    if d % num_processes:
+        raise LayoutError(f"config.num_devices={d} must be a multiple of the process count {num_processes}")
+    if num_workers < d or num_workers % d:
+        raise LayoutError(
+            f"config.num_workers={num_workers} must be a positive multiple of the {d} devices in use; "
+            f"set --config.num_workers to a multiple of {d} or --config.num_devices to a divisor of "
+            f"{num_workers}"
+        )
+    return d
+
+
 def make_layout(num_workers: int, num_devices: int = 0) -> WorkerLayout:
     """Place k = ``num_workers`` workers on ``num_devices`` devices (0 = every device of every process).
 
@@ -72,21 +95,7 @@ def make_layout(num_workers: int, num_devices: int = 0) -> WorkerLayout:
     """
     nproc, pid = jax.process_count(), jax.process_index()
     everything = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
-    total = len(everything)
-    d = num_devices or total
-    if d > total:
-        raise LayoutError(
-            f"config.num_devices={d} but only {total} devices exist; use --config.num_devices=0 (all) "
-            f"or at most {total}"
-        )
-    if d % nproc:
-        raise LayoutError(f"config.num_devices={d} must be a multiple of the process count {nproc}")
-    if num_workers < d or num_workers % d:
-        raise LayoutError(
-            f"config.num_workers={num_workers} must be a positive multiple of the {d} devices in use; "
-            f"set --config.num_workers to a multiple of {d} or --config.num_devices to a divisor of "
-            f"{num_workers}"
-        )
+    d = check_placement(num_workers, num_devices, len(everything), nproc)
     per_process = d // nproc
     chosen = []
     for p in range(nproc):
