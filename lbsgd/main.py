@@ -49,9 +49,12 @@ def fail(message: str) -> None:
 
 
 def _flag_value(argv: list[str], name: str) -> str | None:
-    for arg in argv:
+    """The value of ``--name=value`` or ``--name value`` in ``argv`` (absl accepts both), or None."""
+    for i, arg in enumerate(argv):
         if arg.startswith(f"--{name}="):
             return arg.split("=", 1)[1]
+        if arg == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
     return None
 
 

@@ -35,6 +35,7 @@ BAD_INPUTS = {
     "zero_epochs": (["--config.num_epochs=0"], "config.num_epochs"),
     "unknown_override": (["--config.num_wrokers=8"], "num_wrokers"),
     "missing_config_file": (["--config=experiments/no_such_file.py"], "no_such_file.py"),
+    "missing_config_file_space_form": (["--config", "experiments/no_such_file.py"], "'experiments/no_such_file.py'"),
     "unwritable_workdir": (["--workdir={file}/sub"], "--workdir"),
 }
 
@@ -50,7 +51,11 @@ def bad_runs(tmp_path_factory, data_dir):
         extra, _ = BAD_INPUTS[name]
         extra = [a.replace("{file}", str(blocker)) for a in extra]
         args = [DIGITS, f"--workdir={tmp / name}", f"--config.data_dir={data_dir}"]
-        args = [a for a in args if not (a.startswith("--config=") and any(e.startswith("--config=") for e in extra))]
+        args = [
+            a
+            for a in args
+            if not (a.startswith("--config=") and any(e == "--config" or e.startswith("--config=") for e in extra))
+        ]
         args = [a for a in args if not (a.startswith("--workdir") and any(e.startswith("--workdir") for e in extra))]
         return name, run_main(*args, *extra, timeout=120)
 
