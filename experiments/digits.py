@@ -25,9 +25,15 @@ def get_config():
     c.num_devices = 0  # 0 = all local devices of every process; must divide num_workers
     c.accumulation_steps = 1  # >1: a device runs its k/d workers in this many sequential microsteps
     c.max_device_batch = 0  # with accumulation_steps=0: fewest microsteps with <= this many examples each
+    # How workers combine (lbsgd.strategies): 'allreduce' | 'dpsgd' | 'gossip_pull' | 'gossip_push'.
     c.strategy = "allreduce"
-    c.aggregation = "psum"  # 'psum' | 'ring' | 'halving_doubling'
+    c.aggregation = "psum"  # allreduce: 'psum' | 'ring' | 'halving_doubling'
     c.bucket_mb = 25.0
+    # dpsgd: 'ring' | 'exponential' | 'complete' | 'one_peer_exponential'; gossip: 'random' (push also
+    # 'one_peer_exponential'); '' = the strategy's default (ring for dpsgd, random for gossip).
+    c.topology = ""
+    c.dpsgd = ml_collections.ConfigDict({"form": "awc"})  # 'awc' (Lian et al.) | 'atc' (adapt then combine)
+    c.gossip = ml_collections.ConfigDict({"pool_size": 32})  # seeded random peer assignments to draw from
     # Model.
     c.model = "resnet20"
     c.model_width = 16

@@ -50,9 +50,15 @@ def get_config():
     # numbers do not change (each worker's 32 images stay together). Lower it on small-memory devices.
     c.accumulation_steps = 0
     c.max_device_batch = 256
+    # How workers combine (lbsgd.strategies): 'allreduce' | 'dpsgd' | 'gossip_pull' | 'gossip_push'.
     c.strategy = "allreduce"
-    c.aggregation = "psum"  # 'psum' | 'ring' | 'halving_doubling'
+    c.aggregation = "psum"  # allreduce: 'psum' | 'ring' | 'halving_doubling'
     c.bucket_mb = 25.0
+    # dpsgd: 'ring' | 'exponential' | 'complete' | 'one_peer_exponential'; gossip: 'random' (push also
+    # 'one_peer_exponential'); '' = the strategy's default (ring for dpsgd, random for gossip).
+    c.topology = ""
+    c.dpsgd = ml_collections.ConfigDict({"form": "awc"})  # 'awc' (Lian et al.) | 'atc' (adapt then combine)
+    c.gossip = ml_collections.ConfigDict({"pool_size": 32})  # seeded random peer assignments to draw from
     # Model: ResNet-50 v1.5, zero-γ, BN momentum 0.9 (built into lbsgd.models.resnet).
     c.model = "resnet50"
     c.model_width = 64

@@ -228,7 +228,7 @@ def measure_step(
     import jax
     import numpy as np
 
-    from lbsgd import optim, train
+    from lbsgd import optim, strategies, train
 
     k, n = layout.num_workers, per_worker_batch_size
     schedule = optim.goyal_schedule(0.1, k * n, steps_per_epoch=1000)
@@ -240,7 +240,7 @@ def measure_step(
         schedule,
         layout,
         per_worker_batch_size=n,
-        aggregation=aggregation,
+        strategy=strategies.Allreduce(aggregation=aggregation),
         accumulation_steps=accumulation_steps,
     )
     rng = np.random.default_rng(0)

@@ -2,20 +2,26 @@
 
 The train step, per device (``jax.shard_map`` over the 1-D device mesh, pmap semantics):
 
-1. forward each of the device's m = k/d workers on its own n examples (``vmap`` over workers), so
+1. the strategy says at which parameters each worker takes its gradient (``lbsgd.strategies``:
+   the shared copy for allreduce, each worker's own copy for decentralized strategies);
+2. forward each of the device's m = k/d workers on its own n examples (``vmap`` over workers), so
    every worker's BatchNorm statistics come from exactly its n examples (§2.3, never synced);
-2. loss of a worker = Σ its per-example cross-entropy / (k·n) (Remark 3), gradient of the sum of
-   the local workers' losses (optionally accumulated over ``accumulation_steps`` microsteps, each
-   holding whole workers, so the result is unchanged);
-3. sum the gradients over devices (``config.aggregation``: psum, ring or halving/doubling, §4);
-4. the optimizer update (``lbsgd.optim``), identical on every device.
+3. loss of a worker = Σ its per-example cross-entropy / (k·n) when gradients are summed (Remark 3),
+   / n when each worker steps alone; gradients optionally accumulated over ``accumulation_steps``
+   microsteps, each holding whole workers, so the result is unchanged;
+4. the strategy combines: allreduce sums the gradients over devices (``config.aggregation``: psum,
+   ring or halving/doubling, §4) and takes one optimizer step (``lbsgd.optim``); D-PSGD and gossip
+   take each worker's own optimizer step and average with neighbours.
 
 Each worker keeps its own BatchNorm running statistics (a leading worker axis, sharded over the
-mesh); evaluation uses their average over the k workers.
+mesh); evaluation uses their average over the k workers and the strategy's evaluation model.
+The loop (``train_and_evaluate``) is four named pieces: ``setup``, ``restore_or_init``, ``train_loop``
+and ``write_results``; it never names a strategy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -32,47 +38,65 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from lbsgd import optim
+from lbsgd import optim, strategies
 from lbsgd.models import resnet
-from lbsgd.parallel import aggregators
+from lbsgd.parallel import mixing
 from lbsgd.parallel import layout as layout_lib
 from lbsgd.parallel.layout import AXIS
+from lbsgd.strategies import allreduce
 
 log = logging.getLogger("lbsgd")
 
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a run needs to continue: step, shared parameters, per-worker BN statistics, optimizer."""
+    """Everything a run needs to continue.
+
+    ``params``/``opt_state`` are one shared copy (allreduce) or per worker with a leading axis of size k
+    (decentralized strategies); ``batch_stats`` always have the leading worker axis (each worker's own
+    BN running statistics); ``extra`` is the strategy's own state (e.g. push-sum weights).
+    """
 
     step: jax.Array
     params: Any
     batch_stats: Any  # every leaf has a leading axis of size k (one set of running statistics per worker)
     opt_state: Any
+    extra: Any = flax.struct.field(default_factory=dict)
 
 
-def state_specs(state: TrainState) -> TrainState:
-    """PartitionSpecs: BN statistics split over devices by worker, everything else replicated."""
+def state_specs(state: TrainState, strategy: strategies.Strategy | None = None) -> TrainState:
+    """PartitionSpecs: per-worker leaves (BN statistics, and what the strategy makes per worker) split
+    over devices by worker, everything else replicated."""
+    strategy = strategy or allreduce.Allreduce()
+    params, opt_state, extra = strategy.specs(state.params, state.opt_state, state.extra)
     return TrainState(
         step=P(),
-        params=jax.tree.map(lambda _: P(), state.params),
+        params=params,
         batch_stats=jax.tree.map(lambda _: P(AXIS), state.batch_stats),
-        opt_state=jax.tree.map(lambda _: P(), state.opt_state),
+        opt_state=opt_state,
+        extra=extra,
     )
 
 
-def create_train_state(model, tx, layout: layout_lib.WorkerLayout, image_shape, seed: int) -> TrainState:
-    """Initialise parameters from ``seed`` and place the state on the mesh (same values for any layout)."""
+def create_train_state(
+    model, tx, layout: layout_lib.WorkerLayout, image_shape, seed: int, strategy: strategies.Strategy | None = None
+) -> TrainState:
+    """Initialise parameters from ``seed`` and place the state on the mesh (same values for any layout).
+
+    Every worker starts from the same parameters; ``strategy`` (default allreduce) decides whether they
+    are one shared copy or k copies.
+    """
     k = layout.num_workers
+    strategy = strategy or allreduce.Allreduce()
 
     def init():
         variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *image_shape), jnp.float32), train=False)
-        params = variables["params"]
+        params, opt_state, extra = strategy.init(variables["params"], tx, k)
         stats = jax.tree.map(lambda x: jnp.broadcast_to(x, (k, *x.shape)), variables.get("batch_stats", {}))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats, opt_state=tx.init(params))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats, opt_state=opt_state, extra=extra)
 
     abstract = jax.eval_shape(init)
-    shardings = jax.tree.map(layout.sharding, state_specs(abstract))
+    shardings = jax.tree.map(layout.sharding, state_specs(abstract, strategy))
     return jax.jit(init, out_shardings=shardings)()
 
 
@@ -94,67 +118,91 @@ def make_train_step(
     layout: layout_lib.WorkerLayout,
     *,
     per_worker_batch_size: int,
-    aggregation: str = "psum",
-    bucket_mb: float = 25.0,
+    strategy: strategies.Strategy | None = None,
     accumulation_steps: int = 1,
     label_smoothing: float = 0.0,
 ):
     """Build the jitted train step ``(state, images, labels) -> (state, metrics)``.
 
     ``images``/``labels`` are global arrays of k·n examples sharded over the mesh, worker-major
-    (worker w's n examples are rows w·n .. w·n+n-1). Metrics are exact over the kn examples.
+    (worker w's n examples are rows w·n .. w·n+n-1). Per device: the strategy says where each worker
+    takes its gradient (``prepare``), every worker computes its loss on its own n examples with its own
+    BN statistics (divided by the strategy's denominator: kn for allreduce, Remark 3; n for
+    decentralized workers), and the strategy combines the gradients into the new state (``update``).
+    Metrics are exact over the kn examples. ``strategy`` defaults to allreduce with ``psum``.
     """
+    strategy = strategy or allreduce.Allreduce()
     k, n, m, a = layout.num_workers, per_worker_batch_size, layout.workers_per_device, accumulation_steps
     if m % a:
         raise ValueError(f"config.accumulation_steps={a} must divide the {m} workers per device")
     g = m // a  # workers per microstep
+    denominator = strategy.loss_denominator(k, n)
+    per_worker = strategy.per_worker
 
     def worker_loss(params, stats, x, y):
-        """One worker: forward on its n examples with its own BN statistics; loss / (kn) (Remark 3)."""
+        """One worker: forward on its n examples with its own BN statistics; loss / (kn) or / n."""
         logits, new_vars = model.apply({"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
         ce = cross_entropy(logits, y, label_smoothing)
         correct = jnp.sum(jnp.argmax(logits, -1) == y)
-        return jnp.sum(ce) / (k * n), (new_vars.get("batch_stats", {}), jnp.sum(ce), correct)
+        return jnp.sum(ce) / denominator, (new_vars.get("batch_stats", {}), jnp.sum(ce), correct)
 
     def group_loss(params, stats, x, y):
-        losses, aux = jax.vmap(worker_loss, in_axes=(None, 0, 0, 0))(params, stats, x, y)
+        losses, aux = jax.vmap(worker_loss, in_axes=(0 if per_worker else None, 0, 0, 0))(params, stats, x, y)
         return jnp.sum(losses), aux
 
     grad_fn = jax.grad(group_loss, has_aux=True)
 
-    def per_device(state: TrainState, images, labels):
+    def worker_gradients(params, batch_stats, images, labels):
+        """Gradients of this device's m workers (summed if shared, one per worker if per worker), new BN
+        statistics, and the summed cross-entropy and correct count; in ``a`` microsteps of whole workers."""
         split = lambda t: t.reshape(a, g, *t.shape[1:])  # noqa: E731 - [m,...] -> [a, m/a, ...]
         x = images.reshape(a, g, n, *images.shape[1:])
         y = labels.reshape(a, g, n)
-        stats = jax.tree.map(split, state.batch_stats)
+        stats = jax.tree.map(split, batch_stats)
         if a == 1:
-            grads, (new_stats, ce_sum, correct) = grad_fn(state.params, *jax.tree.map(lambda t: t[0], (stats, x, y)))
+            grads, (new_stats, ce_sum, correct) = grad_fn(params, *jax.tree.map(lambda t: t[0], (stats, x, y)))
             new_stats = jax.tree.map(lambda t: t[None], new_stats)
-            ce_sum, correct = jnp.sum(ce_sum), jnp.sum(correct)
+        elif per_worker:
+
+            def microstep(_, inputs):
+                grads, (st, ce, c) = grad_fn(*inputs)
+                return None, (grads, st, jnp.sum(ce), jnp.sum(c))
+
+            _, (grads, new_stats, ce_sum, correct) = jax.lax.scan(
+                microstep, None, (jax.tree.map(split, params), stats, x, y)
+            )
+            grads = jax.tree.map(lambda t: t.reshape(m, *t.shape[2:]), grads)
         else:
 
             def microstep(acc, inputs):
-                grads, (st, ce, c) = grad_fn(state.params, *inputs)
+                grads, (st, ce, c) = grad_fn(params, *inputs)
                 return jax.tree.map(jnp.add, acc, grads), (st, jnp.sum(ce), jnp.sum(c))
 
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            zeros = jax.tree.map(jnp.zeros_like, params)
             grads, (new_stats, ce_sum, correct) = jax.lax.scan(microstep, zeros, (stats, x, y))
-            ce_sum, correct = jnp.sum(ce_sum), jnp.sum(correct)
         new_stats = jax.tree.map(lambda t: t.reshape(m, *t.shape[2:]), new_stats)
-        grads = aggregators.allreduce_sum(grads, AXIS, method=aggregation, bucket_mb=bucket_mb)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        return grads, new_stats, jnp.sum(ce_sum), jnp.sum(correct)
+
+    def per_device(state: TrainState, images, labels):
+        ctx = strategies.StepContext(
+            axis=AXIS, num_workers=k, num_devices=layout.num_devices, workers_per_device=m, step=state.step
+        )
+        grad_params = strategy.prepare(ctx, state.params, state.extra)
+        grads, new_stats, ce_sum, correct = worker_gradients(grad_params, state.batch_stats, images, labels)
+        params, opt_state, extra = strategy.update(
+            ctx, tx, state.params, state.opt_state, state.extra, grad_params, grads
+        )
         totals = jax.lax.psum(jnp.stack([ce_sum, correct.astype(jnp.float32)]), AXIS)
         metrics = {
             "loss": totals[0] / (k * n),
             "accuracy": totals[1] / (k * n),
             "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
         }
-        new_state = TrainState(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state)
+        new_state = TrainState(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state, extra=extra)
         return new_state, metrics
 
     def step(state, images, labels):
-        specs = state_specs(state)
+        specs = state_specs(state, strategy)
         fn = jax.shard_map(
             per_device, mesh=layout.mesh, in_specs=(specs, P(AXIS), P(AXIS)), out_specs=(specs, P()), check_vma=False
         )
@@ -163,8 +211,13 @@ def make_train_step(
     return jax.jit(step, donate_argnums=0)
 
 
-def make_eval_step(model, layout: layout_lib.WorkerLayout):
-    """Build the jitted eval step ``(state, images, labels, mask) -> sums`` (BN statistics averaged over workers)."""
+def make_eval_step(model, layout: layout_lib.WorkerLayout, strategy: strategies.Strategy | None = None):
+    """Build the jitted eval step ``(state, images, labels, mask) -> sums``.
+
+    The model is the strategy's evaluation model (the shared copy, or the workers' average) with the BN
+    running statistics averaged over the k workers.
+    """
+    strategy = strategy or allreduce.Allreduce()
 
     def per_device(params, stats, images, labels, mask):
         logits = model.apply({"params": params, "batch_stats": stats}, images, train=False)
@@ -181,13 +234,30 @@ def make_eval_step(model, layout: layout_lib.WorkerLayout):
         return jax.lax.psum(sums, AXIS)
 
     def step(state: TrainState, images, labels, mask):
+        params = strategy.eval_params(state.params, state.extra)
         stats = jax.tree.map(lambda t: jnp.mean(t, axis=0), state.batch_stats)
         fn = jax.shard_map(
             per_device, mesh=layout.mesh, in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS)), out_specs=P(), check_vma=False
         )
-        return fn(state.params, stats, images, labels, mask)
+        return fn(params, stats, images, labels, mask)
 
     return jax.jit(step)
+
+
+def make_consensus_fn(strategy: strategies.Strategy):
+    """``state -> consensus distance`` (mean_i ‖x_i − x̄‖² / ‖x̄‖²; 0 for one shared copy), jitted."""
+
+    def distance(state: TrainState):
+        workers = strategy.worker_params(state.params, state.extra)
+        return jnp.zeros((), jnp.float32) if workers is None else mixing.consensus_distance(workers)
+
+    return jax.jit(distance)
+
+
+def model_bytes(state: TrainState, strategy: strategies.Strategy) -> int:
+    """Bytes of one worker's parameters (what a worker sends when it sends its model)."""
+    drop = 1 if strategy.per_worker else 0
+    return sum(int(np.prod(x.shape[drop:])) * x.dtype.itemsize for x in jax.tree.leaves(state.params))
 
 
 def global_batch(layout: layout_lib.WorkerLayout, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -304,128 +374,202 @@ def _blocking_needed() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-    """Train ``config`` in ``workdir`` (resuming from its latest checkpoint) and return results.json's dict."""
-    from clu import metric_writers, periodic_actions
-    import orbax.checkpoint as ocp
+@dataclasses.dataclass
+class Run:
+    """What ``setup`` builds for a run: data, model, optimizer, strategy, layout, writer and step counts."""
+
+    config: Any
+    workdir: str
+    layout: layout_lib.WorkerLayout
+    dataset: Any
+    steps_per_epoch: int
+    total_steps: int
+    model: Any
+    tx: Any
+    schedule: Any
+    strategy: strategies.Strategy
+    writer: Any
+    is_chief: bool
+    accumulation: int
+    t_start: float
+
+    @property
+    def checkpoint_dir(self) -> str:
+        """``WORKDIR/checkpoints`` (absolute)."""
+        return os.path.join(os.path.abspath(self.workdir), "checkpoints")
+
+
+def _load_dataset(config):
+    """Load (and on first use prepare) the dataset; with several processes the chief prepares it first."""
+    from jax.experimental import multihost_utils
+
+    from lbsgd.data import pipeline
+
+    is_chief = jax.process_index() == 0
+    dataset = pipeline.load(config.dataset, config.data_dir) if is_chief or jax.process_count() == 1 else None
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("dataset prepared")
+        if not is_chief:
+            dataset = pipeline.load(config.dataset, config.data_dir)
+    return dataset
+
+
+def setup(config, workdir: str) -> Run:
+    """Layout, dataset, schedule, optimizer, model, strategy and metric writer for ``config``."""
+    from clu import metric_writers
 
     from lbsgd import validate
-    from lbsgd.data import order, pipeline
+    from lbsgd.data import order
 
     t_start = time.time()
     is_chief = jax.process_index() == 0
     layout = layout_lib.make_layout(config.num_workers, config.num_devices)
-    k, n = config.num_workers, config.per_worker_batch_size
-    kn = k * n
-
-    if is_chief or jax.process_count() == 1:
-        dataset = pipeline.load(config.dataset, config.data_dir)  # the chief prepares digits first
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("dataset prepared")
-        if not is_chief:
-            dataset = pipeline.load(config.dataset, config.data_dir)
+    dataset = _load_dataset(config)
     validate.check_dataset(config, dataset.train.num_examples)
-
+    kn = config.num_workers * config.per_worker_batch_size
     spe = order.steps_per_epoch(dataset.train.num_examples, kn)
     total_steps = config.num_epochs * spe
     if config.max_steps > 0:
         total_steps = min(total_steps, config.max_steps)
     tx, schedule = optim.from_config(config, spe)
-    model = build_model(config, dataset.num_classes)
-    image_shape = (config.image_size, config.image_size, dataset.channels)
-
     # Only process 0 writes metrics (events and log lines); the others stay quiet.
     writer = (
-        metric_writers.create_default_writer(workdir, asynchronous=False)
-        if is_chief
-        else metric_writers.MultiWriter([])
+        metric_writers.create_default_writer(workdir, asynchronous=False) if is_chief else metric_writers.MultiWriter([])
     )
-    state = create_train_state(model, tx, layout, image_shape, config.seed)
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    accumulation = resolve_accumulation(
+        layout.workers_per_device, config.per_worker_batch_size, config.accumulation_steps, config.get("max_device_batch", 0)
+    )
+    return Run(
+        config=config,
+        workdir=workdir,
+        layout=layout,
+        dataset=dataset,
+        steps_per_epoch=spe,
+        total_steps=total_steps,
+        model=build_model(config, dataset.num_classes),
+        tx=tx,
+        schedule=schedule,
+        strategy=strategies.from_config(config, layout.num_devices),
+        writer=writer,
+        is_chief=is_chief,
+        accumulation=accumulation,
+        t_start=t_start,
+    )
+
+
+def restore_or_init(run: Run, mngr) -> TrainState:
+    """A fresh state from ``config.seed``, or the latest checkpoint of the workdir when there is one."""
+    import orbax.checkpoint as ocp
+
+    config = run.config
+    image_shape = (config.image_size, config.image_size, run.dataset.channels)
+    state = create_train_state(run.model, run.tx, run.layout, image_shape, config.seed, run.strategy)
+    k, n, lay = config.num_workers, config.per_worker_batch_size, run.layout
     log.info(
         "model %s: %s parameters; k=%d workers x n=%d = %d per step on %d devices (%d processes), "
-        "%d workers/device; %d steps/epoch, %d steps",
+        "%d workers/device; strategy %s; %d steps/epoch, %d steps",
         config.model,
-        f"{num_params:,}",
+        f"{num_parameters(state, run.strategy):,}",
         k,
         n,
-        kn,
-        layout.num_devices,
-        layout.num_processes,
-        layout.workers_per_device,
-        spe,
-        total_steps,
+        k * n,
+        lay.num_devices,
+        lay.num_processes,
+        lay.workers_per_device,
+        " ".join(f"{key}={value}" for key, value in run.strategy.describe().items()),
+        run.steps_per_epoch,
+        run.total_steps,
     )
-    writer.write_hparams({k_: v for k_, v in config.items() if isinstance(v, (int, float, str, bool))})
-
-    ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-    mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=3, create=True))
+    if run.accumulation > 1:
+        g = lay.workers_per_device // run.accumulation
+        log.info(
+            "%d workers per device run in %d accumulation microsteps of %d workers (%d examples)",
+            lay.workers_per_device,
+            run.accumulation,
+            g,
+            g * n,
+        )
     if mngr.latest_step() is not None:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
         state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(abstract))
         log.info("resumed from checkpoint at step %d", int(state.step))
-    start_step = int(state.step)
+    return state
 
-    accumulation = resolve_accumulation(
-        layout.workers_per_device, n, config.accumulation_steps, config.get("max_device_batch", 0)
+
+def num_parameters(state: TrainState, strategy: strategies.Strategy) -> int:
+    """Parameters of one model (one worker's copy)."""
+    drop = 1 if strategy.per_worker else 0
+    return sum(int(np.prod(x.shape[drop:])) for x in jax.tree.leaves(state.params))
+
+
+@dataclasses.dataclass
+class LoopResult:
+    """What the loop leaves for results.json."""
+
+    state: TrainState
+    last_metrics: dict | None
+    eval_metrics: dict | None
+    train_time: float
+    timed_steps: int
+
+
+def evaluate_run(run: Run, eval_step, consensus_fn, state, step: int) -> dict[str, float]:
+    """Evaluate, add the consensus distance, write them at ``step`` and log one line."""
+    metrics = evaluate(eval_step, state, run.dataset, run.layout, run.config)
+    metrics["consensus_distance"] = float(jax.device_get(consensus_fn(state)))
+    run.writer.write_scalars(step, metrics)
+    log.info(
+        "step %d/%d (epoch %.2f): eval accuracy %.4f, loss %.4f, consensus distance %.3g",
+        step,
+        run.total_steps,
+        step / run.steps_per_epoch,
+        metrics["eval_accuracy"],
+        metrics["eval_loss"],
+        metrics["consensus_distance"],
     )
-    if accumulation > 1:
-        log.info(
-            "%d workers per device run in %d accumulation microsteps of %d workers (%d examples)",
-            layout.workers_per_device,
-            accumulation,
-            layout.workers_per_device // accumulation,
-            layout.workers_per_device // accumulation * n,
-        )
-    train_step = make_train_step(
-        model,
-        tx,
-        schedule,
-        layout,
-        per_worker_batch_size=n,
-        aggregation=config.aggregation,
-        bucket_mb=config.bucket_mb,
-        accumulation_steps=accumulation,
-        label_smoothing=config.label_smoothing,
-    )
-    eval_step = make_eval_step(model, layout)
+    return metrics
+
+
+def train_loop(run: Run, state: TrainState, mngr, train_step, eval_step, consensus_fn) -> LoopResult:
+    """Steps from ``state.step`` to the end: train, log, evaluate, checkpoint, stop cleanly on a signal."""
+    import orbax.checkpoint as ocp
+    from clu import periodic_actions
+
+    from lbsgd.data import pipeline
+
+    config, lay, writer = run.config, run.layout, run.writer
+    start_step, total_steps = int(state.step), run.total_steps
     batches = pipeline.train_iterator(
-        dataset,
-        num_workers=k,
-        per_worker_batch_size=n,
+        run.dataset,
+        num_workers=config.num_workers,
+        per_worker_batch_size=config.per_worker_batch_size,
         seed=config.seed,
-        first_worker=layout.first_worker,
-        num_local_workers=layout.local_workers,
+        first_worker=lay.first_worker,
+        num_local_workers=lay.local_workers,
         start_step=start_step,
         augment=config.augment,
         image_size=config.image_size,
     )
-
-    hooks = (
-        [
-            periodic_actions.ReportProgress(
-                num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
-            )
-        ]
-        if is_chief
-        else []
-    )
+    hooks = []
     bar = None
-    if is_chief and sys.stdout.isatty():
-        import tqdm
+    if run.is_chief:
+        hooks.append(
+            periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps)
+        )
+        if sys.stdout.isatty():
+            import tqdm
 
-        bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+    spe = run.steps_per_epoch
     eval_every = max(1, int(config.eval_every_epochs * spe)) if config.eval_every_epochs > 0 else 0
     block = _blocking_needed()
     window, last_metrics, eval_metrics = [], None, None
     t_train, timed_steps = None, 0
-    stop = _StopOnSignal(enabled=layout.num_processes == 1)
+    stop = _StopOnSignal(enabled=lay.num_processes == 1)
     last_saved = start_step
     try:
         for step in range(start_step, total_steps):
-            b = global_batch(layout, next(batches))
+            b = global_batch(lay, next(batches))
             state, metrics = train_step(state, b["image"], b["label"])
             if block:
                 jax.block_until_ready(state)
@@ -448,40 +592,35 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                     bar.set_postfix(loss=f"{means['loss']:.4f}", acc=f"{means['accuracy']:.3f}")
                 window = []
             if (eval_every and done % eval_every == 0) or done == total_steps:
-                eval_metrics = evaluate(eval_step, state, dataset, layout, config)
-                writer.write_scalars(done, eval_metrics)
-                log.info(
-                    "step %d/%d (epoch %.2f): eval accuracy %.4f, loss %.4f",
-                    done,
-                    total_steps,
-                    done / spe,
-                    eval_metrics["eval_accuracy"],
-                    eval_metrics["eval_loss"],
-                )
+                eval_metrics = evaluate_run(run, eval_step, consensus_fn, state, done)
             if done % config.checkpoint_every_steps == 0 or done == total_steps:
                 mngr.save(done, args=ocp.args.StandardSave(state))
                 last_saved = done
-            preempted = stop.signum is not None or (layout.num_processes > 1 and mngr.reached_preemption(done))
+            preempted = stop.signum is not None or (lay.num_processes > 1 and mngr.reached_preemption(done))
             if preempted and done < total_steps:
                 if last_saved != done:
                     mngr.save(done, args=ocp.args.StandardSave(state), force=True)
                 mngr.wait_until_finished()
-                raise Interrupted(stop.signum or signal.SIGTERM, done, ckpt_dir)
+                raise Interrupted(stop.signum or signal.SIGTERM, done, run.checkpoint_dir)
     finally:
         stop.restore()
         if bar is not None:
             bar.close()
         writer.flush()
-    t_end = time.time()
-    if eval_metrics is None:  # nothing left to train (resumed a finished run): evaluate the final state
-        eval_metrics = evaluate(eval_step, state, dataset, layout, config)
-    if last_metrics is None:
-        last_metrics = {"loss": float("nan")}
-    mngr.wait_until_finished()
-    mngr.close()
-    writer.flush()
+    train_time = (time.time() - t_train) if t_train is not None else 0.0
+    return LoopResult(state, last_metrics, eval_metrics, train_time, timed_steps)
 
-    train_time = (t_end - t_train) if t_train is not None else 0.0
+
+def write_results(run: Run, result: LoopResult, eval_step, consensus_fn) -> dict[str, Any]:
+    """The final results (evaluating the state if the loop had nothing left to do); the chief writes
+    ``WORKDIR/results.json`` atomically."""
+    config, lay, state = run.config, run.layout, result.state
+    eval_metrics = result.eval_metrics
+    if eval_metrics is None:  # nothing left to train (resumed a finished run): evaluate the final state
+        eval_metrics = evaluate_run(run, eval_step, consensus_fn, state, int(state.step))
+    last_metrics = result.last_metrics if result.last_metrics is not None else {"loss": float("nan")}
+    k, n = config.num_workers, config.per_worker_batch_size
+    kn = k * n
     results = {
         "eval_accuracy": float(eval_metrics["eval_accuracy"]),
         "eval_loss": float(eval_metrics["eval_loss"]),
@@ -490,22 +629,26 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         "eval_examples": int(eval_metrics["eval_examples"]),
         "train_loss": float(last_metrics["loss"]),  # loss of the last step, over its kn examples
         "steps": int(state.step),
-        "epochs": int(state.step) / spe,
+        "epochs": int(state.step) / run.steps_per_epoch,
         "global_batch_size": kn,
         "num_workers": k,
         "per_worker_batch_size": n,
-        "devices": layout.num_devices,
-        "processes": layout.num_processes,
-        "workers_per_device": layout.workers_per_device,
-        "accumulation_steps": accumulation,
-        "aggregation": config.aggregation,
-        "num_params": num_params,
-        "wall_time_s": time.time() - t_start,
-        "images_per_second": (timed_steps * kn / train_time) if train_time > 0 else 0.0,
+        "devices": lay.num_devices,
+        "processes": lay.num_processes,
+        "workers_per_device": lay.workers_per_device,
+        "accumulation_steps": run.accumulation,
+        **run.strategy.describe(),
+        "consensus_distance": float(eval_metrics["consensus_distance"]),
+        "bytes_sent_per_worker_per_step": float(
+            run.strategy.bytes_sent_per_worker_per_step(k, model_bytes(state, run.strategy))
+        ),
+        "num_params": num_parameters(state, run.strategy),
+        "wall_time_s": time.time() - run.t_start,
+        "images_per_second": (result.timed_steps * kn / result.train_time) if result.train_time > 0 else 0.0,
         "backend": jax.default_backend(),
     }
-    if is_chief:
-        path = os.path.join(workdir, "results.json")
+    if run.is_chief:
+        path = os.path.join(run.workdir, "results.json")
         with open(path + ".tmp", "w") as f:
             json.dump(results, f, indent=2)
         os.replace(path + ".tmp", path)
@@ -513,11 +656,40 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     return results
 
 
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+    """Train ``config`` in ``workdir`` (resuming from its latest checkpoint) and return results.json's dict."""
+    import orbax.checkpoint as ocp
+
+    run = setup(config, workdir)
+    run.writer.write_hparams({k_: v for k_, v in config.items() if isinstance(v, (int, float, str, bool))})
+    mngr = ocp.CheckpointManager(run.checkpoint_dir, options=ocp.CheckpointManagerOptions(max_to_keep=3, create=True))
+    state = restore_or_init(run, mngr)
+    train_step = make_train_step(
+        run.model,
+        run.tx,
+        run.schedule,
+        run.layout,
+        per_worker_batch_size=config.per_worker_batch_size,
+        strategy=run.strategy,
+        accumulation_steps=run.accumulation,
+        label_smoothing=config.label_smoothing,
+    )
+    eval_step = make_eval_step(run.model, run.layout, run.strategy)
+    consensus_fn = make_consensus_fn(run.strategy)
+    result = train_loop(run, state, mngr, train_step, eval_step, consensus_fn)
+    mngr.wait_until_finished()
+    results = write_results(run, result, eval_step, consensus_fn)
+    mngr.close()
+    run.writer.flush()
+    return results
+
+
 def load_checkpoint(workdir: str, step: int | None = None) -> dict[str, Any]:
     """Read a checkpoint of ``workdir`` as a pytree of numpy arrays on the host (any topology).
 
-    ``step=None`` reads the latest. Returns ``{'step', 'params', 'batch_stats', 'opt_state'}``; each
-    ``batch_stats`` leaf has the leading worker axis of size k.
+    ``step=None`` reads the latest. Returns ``{'step', 'params', 'batch_stats', 'opt_state', 'extra'}``;
+    each ``batch_stats`` leaf has the leading worker axis of size k (and so do ``params`` and
+    ``opt_state`` for decentralized strategies).
     """
     import orbax.checkpoint as ocp
 

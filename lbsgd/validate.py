@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import tempfile
 
-STRATEGIES = ("allreduce",)
-AGGREGATIONS = ("psum", "ring", "halving_doubling")
+from lbsgd.parallel.aggregators import AGGREGATIONS
+from lbsgd.strategies import STRATEGIES
 WARMUPS = ("gradual", "constant", "none")
 DECAYS = ("step", "cosine", "none")
 OPTIMIZERS = ("goyal_sgd", "lars", "sgd")
@@ -33,6 +33,7 @@ def _positive(config, field, kind=(int,)):
 
 def check_config(config) -> None:
     """Static checks of names and values (no devices, no data)."""
+    from lbsgd import strategies
     from lbsgd.models import resnet
 
     for field in (
@@ -61,6 +62,10 @@ def check_config(config) -> None:
     ):
         raise ConfigError(f"config.dataset={ds!r} is unknown; use one of: {', '.join(DATASETS)}")
     _choice(config, "strategy", STRATEGIES)
+    try:
+        strategies.check_config(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _choice(config, "aggregation", AGGREGATIONS)
     _choice(config, "warmup", WARMUPS)
     _choice(config, "decay", DECAYS)

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from lbsgd import train
+from lbsgd import strategies, train
 from lbsgd.parallel import layout as layout_lib
 
 K, N = 8, 4
@@ -56,7 +56,7 @@ def run_steps(model, tx, d, images_list, labels_list, accumulation_steps=1, seed
         lay,
         per_worker_batch_size=N,
         accumulation_steps=accumulation_steps,
-        aggregation=aggregation,
+        strategy=strategies.Allreduce(aggregation=aggregation),
     )
     losses = []
     for images, labels in zip(images_list, labels_list):

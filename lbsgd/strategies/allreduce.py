@@ -1,0 +1,40 @@
+"""Synchronous allreduce SGD (Goyal et al. 2017): one shared copy of the parameters.
+
+Every worker's loss is Σ of its per-example losses / (k·n) (Remark 3); the k workers' gradients are
+summed across devices with ``config.aggregation`` (``psum``, ``ring`` or ``halving_doubling``, §4,
+``lbsgd.parallel.aggregators``), and every device then takes the same optimizer step on the same
+shared parameters and optimizer state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import optax
+
+from lbsgd.parallel import aggregators
+from lbsgd.strategies.base import Strategy
+
+
+@dataclasses.dataclass(frozen=True)
+class Allreduce(Strategy):
+    """Sum the gradients over all workers, one optimizer step on the shared copy (Goyal et al. §2–§4)."""
+
+    name = "allreduce"
+    per_worker = False
+    aggregation: str = "psum"
+    bucket_mb: float = 25.0
+
+    def update(self, ctx, tx, params, opt_state, extra, grad_params, grads):
+        """Σ over devices of the local workers' summed gradients, then ``tx``'s step (Remark 3)."""
+        grads = aggregators.allreduce_sum(grads, ctx.axis, method=self.aggregation, bucket_mb=self.bucket_mb)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, extra
+
+    def bytes_sent_per_worker_per_step(self, num_workers, model_bytes):
+        """2(k−1)/k of the gradient: what ring and halving/doubling send per worker (``lbsgd.commcost``)."""
+        return 2.0 * (num_workers - 1) / num_workers * model_bytes
+
+    def describe(self):
+        """Strategy name and aggregation algorithm."""
+        return {"strategy": self.name, "aggregation": self.aggregation}

@@ -1,0 +1,108 @@
+"""The strategy interface: how k workers combine, and which state each of them owns.
+
+A *strategy* (GUIDE §6) answers five questions for the train step, and nothing else:
+
+1. **State** — ``init``: are the parameters and optimizer state shared (one copy, replicated) or per
+   worker (a leading axis of size k, sharded over the mesh like the per-worker BN statistics), and
+   what extra state does the strategy own (push-sum weights, an EASGD centre, …).
+2. **Loss scale** — ``loss_denominator``: k·n when gradients are summed across workers (Remark 3),
+   n when each worker steps on the mean gradient of its own examples.
+3. **Where the gradient is taken** — ``prepare``: the parameters each worker differentiates at (the
+   shared copy, its own copy, its copy after gossip, its de-biased push-sum copy).
+4. **Combine** — ``update``: from the workers' gradients to the new state (a sum then one optimizer
+   step, or each worker's own optimizer step plus neighbour mixing).
+5. **Report** — ``eval_params`` (which model evaluation uses), ``worker_params`` (for the consensus
+   distance), ``bytes_sent_per_worker_per_step``.
+
+``prepare`` and ``update`` run inside ``jax.shard_map`` on this device's m = k/d workers (per-worker
+leaves have a leading axis of m there); ``init``, ``eval_params`` and ``worker_params`` run on global
+arrays. A strategy is one module and a registry line (``lbsgd.strategies``); the training loop never
+names one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import PartitionSpec as P
+
+from lbsgd.parallel.layout import AXIS
+
+
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+    """What a strategy sees inside the per-device program: the layout and the step being taken."""
+
+    axis: str  # the mesh axis name
+    num_workers: int  # k
+    num_devices: int  # d
+    workers_per_device: int  # m
+    step: Any  # the step number t being taken (a replicated int32 scalar)
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """Base class; subclasses set ``name`` and ``per_worker`` and override what differs."""
+
+    name: ClassVar[str] = ""
+    per_worker: ClassVar[bool] = True  # parameters and optimizer state carry a leading worker axis
+
+    # -- state ---------------------------------------------------------------------------------
+    def init(self, params, tx: optax.GradientTransformation, num_workers: int):
+        """(params, opt_state, extra) from one freshly initialised model (every worker starts equal)."""
+        if not self.per_worker:
+            return params, tx.init(params), {}
+        stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_workers, *x.shape)), params)
+        return stacked, jax.vmap(tx.init)(stacked), self.init_extra(num_workers)
+
+    def init_extra(self, num_workers: int) -> Any:
+        """The strategy's own state (global arrays); none by default."""
+        return {}
+
+    def specs(self, params, opt_state, extra):
+        """PartitionSpecs of (params, opt_state, extra): per-worker leaves split by worker, others replicated."""
+        spec = P(AXIS) if self.per_worker else P()
+        return (
+            jax.tree.map(lambda _: spec, params),
+            jax.tree.map(lambda _: spec, opt_state),
+            jax.tree.map(lambda _: P(AXIS), extra),
+        )
+
+    # -- the step (inside shard_map) -------------------------------------------------------------
+    def loss_denominator(self, num_workers: int, per_worker_batch_size: int) -> int:
+        """k·n when gradients are summed over workers (Remark 3), n when each worker steps alone."""
+        return per_worker_batch_size if self.per_worker else num_workers * per_worker_batch_size
+
+    def prepare(self, ctx: StepContext, params, extra):
+        """The parameters each of this device's workers takes its gradient at (default: its own)."""
+        return params
+
+    def update(self, ctx: StepContext, tx, params, opt_state, extra, grad_params, grads):
+        """New (params, opt_state, extra) from this device's workers' gradients."""
+        raise NotImplementedError
+
+    # -- reporting (global arrays) ----------------------------------------------------------------
+    def eval_params(self, params, extra):
+        """The one model evaluation uses (default: the shared copy, or the workers' average)."""
+        return jax.tree.map(lambda t: jnp.mean(t, axis=0), params) if self.per_worker else params
+
+    def worker_params(self, params, extra):
+        """Each worker's model ([k, ...] leaves) for the consensus distance; None when there is one copy."""
+        return params if self.per_worker else None
+
+    def bytes_sent_per_worker_per_step(self, num_workers: int, model_bytes: int) -> float:
+        """Bytes one worker sends per step, by the algorithm (not by how workers share devices)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """Fields for results.json and the log: the strategy's name and options."""
+        return {"strategy": self.name}
+
+
+def local_steps(tx, grads, opt_state, params):
+    """Each worker's own optimizer step (vmapped over the leading worker axis): (updates, opt_state)."""
+    return jax.vmap(tx.update)(grads, opt_state, params)
