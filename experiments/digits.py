@@ -25,7 +25,8 @@ def get_config():
     c.num_devices = 0  # 0 = all local devices of every process; must divide num_workers
     c.accumulation_steps = 1  # >1: a device runs its k/d workers in this many sequential microsteps
     c.max_device_batch = 0  # with accumulation_steps=0: fewest microsteps with <= this many examples each
-    # How workers combine (lbsgd.strategies): 'allreduce' | 'dpsgd' | 'gossip_pull' | 'gossip_push'.
+    # How workers combine (lbsgd.strategies): 'allreduce' | 'dpsgd' | 'gossip_pull' | 'gossip_push' |
+    # 'easgd' | 'async_ps'.
     c.strategy = "allreduce"
     c.aggregation = "psum"  # allreduce: 'psum' | 'ring' | 'halving_doubling'
     c.bucket_mb = 25.0
@@ -34,6 +35,10 @@ def get_config():
     c.topology = ""
     c.dpsgd = ml_collections.ConfigDict({"form": "awc"})  # 'awc' (Lian et al.) | 'atc' (adapt then combine)
     c.gossip = ml_collections.ConfigDict({"pool_size": 32})  # seeded random peer assignments to draw from
+    # easgd: moving rate alpha = beta / k, an exchange with the centre every `period` steps.
+    c.easgd = ml_collections.ConfigDict({"beta": 0.8, "period": 1})
+    # async_ps: gradients up to `staleness` server steps old; pulls 'fixed' (staggered) or 'random'.
+    c.async_ps = ml_collections.ConfigDict({"staleness": 0, "delay": "fixed"})
     # Model.
     c.model = "resnet20"
     c.model_width = 16

@@ -50,7 +50,8 @@ def get_config():
     # numbers do not change (each worker's 32 images stay together). Lower it on small-memory devices.
     c.accumulation_steps = 0
     c.max_device_batch = 256
-    # How workers combine (lbsgd.strategies): 'allreduce' | 'dpsgd' | 'gossip_pull' | 'gossip_push'.
+    # How workers combine (lbsgd.strategies): 'allreduce' | 'dpsgd' | 'gossip_pull' | 'gossip_push' |
+    # 'easgd' | 'async_ps'.
     c.strategy = "allreduce"
     c.aggregation = "psum"  # allreduce: 'psum' | 'ring' | 'halving_doubling'
     c.bucket_mb = 25.0
@@ -59,6 +60,10 @@ def get_config():
     c.topology = ""
     c.dpsgd = ml_collections.ConfigDict({"form": "awc"})  # 'awc' (Lian et al.) | 'atc' (adapt then combine)
     c.gossip = ml_collections.ConfigDict({"pool_size": 32})  # seeded random peer assignments to draw from
+    # easgd: moving rate alpha = beta / k, an exchange with the centre every `period` steps.
+    c.easgd = ml_collections.ConfigDict({"beta": 0.8, "period": 1})
+    # async_ps: gradients up to `staleness` server steps old; pulls 'fixed' (staggered) or 'random'.
+    c.async_ps = ml_collections.ConfigDict({"staleness": 0, "delay": "fixed"})
     # Model: ResNet-50 v1.5, zero-γ, BN momentum 0.9 (built into lbsgd.models.resnet).
     c.model = "resnet50"
     c.model_width = 64

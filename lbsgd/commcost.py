@@ -46,6 +46,18 @@ DEFAULT_LATENCY_US = 10.0
 DEFAULT_REDUCE_GBYTE_S = 10.0
 
 
+# Networks of the decentralized-SGD papers, for lbsgd.compare's time model: (Gbit/s, latency in us).
+# Jin et al. 2016 train over 10 Gb Ethernet; Assran et al. 2019 compare 10 GbE with 100 Gb/s
+# InfiniBand, and the FDR InfiniBand of many clusters runs at 56 Gb/s. The latencies are model
+# parameters (TCP through the kernel vs RDMA), not measurements.
+NETWORKS = {"10GbE": (10.0, 50.0), "IB56": (56.0, 5.0)}
+
+
+def message_time(nbytes: float, alpha: float, beta: float) -> float:
+    """One point-to-point message of ``nbytes``: alpha + nbytes * beta."""
+    return alpha + nbytes * beta
+
+
 def _check(p: int, nbytes: float) -> None:
     if int(p) != p or p < 1:
         raise ValueError(f"p must be a positive integer, got {p}")

@@ -37,6 +37,13 @@ BAD_INPUTS = {
     "missing_config_file": (["--config=experiments/no_such_file.py"], "no_such_file.py"),
     "missing_config_file_space_form": (["--config", "experiments/no_such_file.py"], "'experiments/no_such_file.py'"),
     "unwritable_workdir": (["--workdir={file}/sub"], "--workdir"),
+    "unknown_topology": (["--config.strategy=dpsgd", "--config.topology=torus"], "config.topology='torus'"),
+    "topology_needs_more_workers": (
+        ["--config.strategy=dpsgd", "--config.num_workers=2", "--config.topology=ring"],
+        "needs at least 3 workers",
+    ),
+    "option_of_another_strategy": (["--config.dpsgd.form=atc"], "config.dpsgd.form is an option of strategy dpsgd"),
+    "aggregation_for_decentralized": (["--config.strategy=gossip_pull", "--config.aggregation=ring"], "allreduce"),
 }
 
 
@@ -79,20 +86,42 @@ def _read(path):
         return json.load(f)
 
 
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, data_dir):
-    """An uninterrupted short run (2 epochs of k=8 x n=4 = 88 steps)."""
-    workdir = tmp_path_factory.mktemp("ref")
-    proc = run_main(
+STRATEGY_ARGS = {"allreduce": [], "gossip_push": ["--config.strategy=gossip_push"]}
+
+
+def _short_run(workdir, data_dir, strategy="allreduce"):
+    """A short run: 2 epochs of k=8 x n=4 = 88 steps, checkpoints every 8."""
+    return run_main(
         DIGITS,
         f"--workdir={workdir}",
         f"--config.data_dir={data_dir}",
         *TINY,
+        *STRATEGY_ARGS[strategy],
         "--config.num_epochs=2",
         "--config.checkpoint_every_steps=8",
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return workdir, _read(workdir / "results.json")
+
+
+@pytest.fixture(scope="module")
+def reference_runs(tmp_path_factory, data_dir):
+    """Uninterrupted short runs, one per strategy in STRATEGY_ARGS, made on first use."""
+    cache = {}
+
+    def get(strategy):
+        if strategy not in cache:
+            workdir = tmp_path_factory.mktemp(f"ref_{strategy}")
+            proc = _short_run(workdir, data_dir, strategy)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            cache[strategy] = (workdir, _read(workdir / "results.json"))
+        return cache[strategy]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def reference_run(reference_runs):
+    """The uninterrupted allreduce run."""
+    return reference_runs("allreduce")
 
 
 def test_main_job_writes_results_events_and_checkpoints(reference_run):
@@ -114,14 +143,18 @@ def test_main_job_writes_results_events_and_checkpoints(reference_run):
     assert results["steps"] == 2 * (1437 // 32) and results["epochs"] == 2.0
     assert results["global_batch_size"] == 32 and results["num_workers"] == 8 and results["devices"] == 8
     assert results["eval_examples"] == 360
+    assert results["strategy"] == "allreduce" and results["aggregation"] == "psum"
+    assert results["consensus_distance"] == 0.0  # one shared copy
+    assert results["bytes_sent_per_worker_per_step"] == 2 * 7 / 8 * 4 * results["num_params"]  # ring allreduce
     assert 0.3 < results["eval_accuracy"] <= 1.0  # 2 tiny epochs already learn something (chance is 0.1)
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
     kept = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
     assert kept[-1] == results["steps"] and len(kept) == 3  # keep the last 3
 
 
-def test_killed_run_resumes_to_the_same_result(reference_run, tmp_path, data_dir):
-    _, want = reference_run
+@pytest.mark.parametrize("strategy", sorted(STRATEGY_ARGS))
+def test_killed_run_resumes_to_the_same_result(reference_runs, tmp_path, data_dir, strategy):
+    _, want = reference_runs(strategy)
     args = [
         sys.executable,
         "-m",
@@ -130,6 +163,7 @@ def test_killed_run_resumes_to_the_same_result(reference_run, tmp_path, data_dir
         f"--workdir={tmp_path}",
         f"--config.data_dir={data_dir}",
         *TINY,
+        *STRATEGY_ARGS[strategy],
         "--config.num_epochs=2",
         "--config.checkpoint_every_steps=8",
     ]
@@ -144,18 +178,12 @@ def test_killed_run_resumes_to_the_same_result(reference_run, tmp_path, data_dir
     proc.send_signal(signal.SIGKILL)  # a crash: no clean-up, maybe mid-save
     proc.wait()
     assert not (tmp_path / "results.json").exists()
-    rerun = run_main(
-        DIGITS,
-        f"--workdir={tmp_path}",
-        f"--config.data_dir={data_dir}",
-        *TINY,
-        "--config.num_epochs=2",
-        "--config.checkpoint_every_steps=8",
-    )
+    rerun = _short_run(tmp_path, data_dir, strategy)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resumed from checkpoint at step" in rerun.stderr
     got = _read(tmp_path / "results.json")
-    for field in ("eval_accuracy", "eval_loss", "train_loss", "steps", "epochs"):
+    assert got["strategy"] == strategy
+    for field in ("eval_accuracy", "eval_loss", "train_loss", "steps", "epochs", "consensus_distance"):
         assert got[field] == pytest.approx(want[field], rel=1e-6, abs=1e-7), field
 
 

@@ -99,6 +99,36 @@ def test_same_run_on_two_processes(reference, tmp_path, data_dir, devices_per_pr
     assert diff <= 1e-5
 
 
+def test_gossip_pull_same_run_on_two_processes(tmp_path_factory, data_dir):
+    """Decentralized workers: the same peers and the same run on 1 process x 8 devices and 2 x 4."""
+    ref_dir, mp_dir = tmp_path_factory.mktemp("gp_ref"), tmp_path_factory.mktemp("gp_mp")
+    config = tiny_config(data_dir, max_steps=STEPS, checkpoint_every_steps=STEPS, strategy="gossip_pull")
+    train.train_and_evaluate(config, str(ref_dir))
+    proc = _launch(
+        [
+            "--num_processes=2",
+            "--devices_per_process=4",
+            "--",
+            *TINY_ARGS,
+            f"--workdir={mp_dir}",
+            f"--config.data_dir={data_dir}",
+            f"--config.max_steps={STEPS}",
+            "--config.num_epochs=1",
+            f"--config.checkpoint_every_steps={STEPS}",
+            "--config.strategy=gossip_pull",
+        ]
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    (want, want_params), (got, got_params) = _summary(ref_dir), _summary(mp_dir)
+    assert got["processes"] == 2 and got["strategy"] == "gossip_pull"
+    for field in ("train_loss", "eval_loss", "eval_accuracy", "consensus_distance"):
+        assert got[field] == pytest.approx(want[field], rel=1e-5, abs=1e-6), field
+    assert want["consensus_distance"] > 0  # the workers hold different models
+    diff = np.abs(got_params - want_params).max()
+    print(f"gossip_pull, 2 processes x 4 devices: max |param diff| vs 1 process x 8 devices = {diff:.3g}")
+    assert diff <= 1e-5
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

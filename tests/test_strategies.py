@@ -238,32 +238,44 @@ def test_dpsgd_atc_on_complete_equals_allreduce_sgd(d):
 # ------------------------------------------------------------------ a hand-computed D-PSGD trajectory
 
 
-def run_strategy_on_quadratic(strategy, x0, centres, lr, steps, d, trajectory=False):
-    """Drive the strategy's prepare/update with the gradient of f_i(x) = ½‖x − c_i‖² (plain SGD).
+def drive(strategy, k, d, init, centres, lr, steps, override=None):
+    """Drive the strategy's prepare/update with the gradient of f_i(x) = ½‖x − c_i‖² and plain SGD.
 
-    Returns the final (x, extra), or with ``trajectory`` the list of (x, extra) after every step."""
-    k = x0.shape[0]
+    ``init`` is the initial model (one vector); ``override(params, extra)`` may replace the initial
+    state. Returns, for every step, (params, extra) after it and the step metrics logged for it.
+    """
     lay = layout_lib.make_layout(k, d)
     tx = optax.sgd(lr)
-    params, opt_state, extra = strategy.init({"x": jnp.zeros(x0.shape[1:])}, tx, k)
-    params = {"x": jnp.asarray(x0)}
+    params, opt_state, extra = strategy.init({"x": jnp.asarray(init, jnp.float32)}, tx, k)
+    if override is not None:
+        params, extra = override(params, extra)
 
     def per_device(params, opt_state, extra, c, step):
         ctx = strategies.StepContext(axis=AXIS, num_workers=k, num_devices=d, workers_per_device=k // d, step=step)
+        metrics = strategy.step_metrics(ctx, extra)
         at = strategy.prepare(ctx, params, extra)
         grads = {"x": at["x"] - c}
-        return strategy.update(ctx, tx, params, opt_state, extra, at, grads)
+        return (*strategy.update(ctx, tx, params, opt_state, extra, at, grads), metrics)
 
     specs = strategy.specs(params, opt_state, extra)
     fn = jax.jit(
         jax.shard_map(
-            per_device, mesh=lay.mesh, in_specs=(*specs, P(AXIS), P()), out_specs=specs, check_vma=False
+            per_device, mesh=lay.mesh, in_specs=(*specs, P(AXIS), P()), out_specs=(*specs, P()), check_vma=False
         )
     )
     out = []
     for t in range(steps):
-        params, opt_state, extra = fn(params, opt_state, extra, jnp.asarray(centres), jnp.int32(t))
-        out.append((np.asarray(params["x"]), jax.device_get(extra)))
+        params, opt_state, extra, metrics = fn(params, opt_state, extra, jnp.asarray(centres), jnp.int32(t))
+        out.append((jax.device_get(params), jax.device_get(extra), jax.device_get(metrics)))
+    return out
+
+
+def run_strategy_on_quadratic(strategy, x0, centres, lr, steps, d, trajectory=False):
+    """``drive`` with per-worker starting points x0 [k, dim]; returns the final (x, extra) or all of them."""
+    k = x0.shape[0]
+    out = drive(strategy, k, d, np.zeros(x0.shape[1:]), centres, lr, steps,
+                override=lambda p, e: ({"x": jnp.asarray(x0)}, e))
+    out = [(np.asarray(p["x"]), e) for p, e, _ in out]
     return out if trajectory else out[-1]
 
 

@@ -12,6 +12,7 @@ import dataclasses
 
 import optax
 
+from lbsgd import commcost
 from lbsgd.parallel import aggregators
 from lbsgd.strategies.base import Strategy
 
@@ -34,6 +35,12 @@ class Allreduce(Strategy):
     def bytes_sent_per_worker_per_step(self, num_workers, model_bytes):
         """2(k−1)/k of the gradient: what ring and halving/doubling send per worker (``lbsgd.commcost``)."""
         return 2.0 * (num_workers - 1) / num_workers * model_bytes
+
+    def step_time(self, compute_s, num_workers, model_bytes, alpha, beta):
+        """Compute, then the gradient allreduce (ring or halving/doubling by ``aggregation``; psum is
+        modelled as ring)."""
+        cost = commcost.COSTS.get(self.aggregation, commcost.ring_cost)
+        return compute_s + cost(num_workers, model_bytes, alpha, beta, 0.0)["time_s"]
 
     def describe(self):
         """Strategy name and aggregation algorithm."""

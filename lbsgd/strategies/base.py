@@ -51,6 +51,13 @@ class Strategy:
     name: ClassVar[str] = ""
     per_worker: ClassVar[bool] = True  # parameters and optimizer state carry a leading worker axis
 
+    @property
+    def grad_per_worker(self) -> bool:
+        """True when ``prepare`` gives each worker its own parameters (a leading worker axis): then the
+        gradient is per worker too. Per-worker strategies, and shared ones whose workers compute on
+        their own (stale) copies, like the asynchronous parameter server."""
+        return self.per_worker
+
     # -- state ---------------------------------------------------------------------------------
     def init(self, params, tx: optax.GradientTransformation, num_workers: int):
         """(params, opt_state, extra) from one freshly initialised model (every worker starts equal)."""
@@ -85,10 +92,20 @@ class Strategy:
         """New (params, opt_state, extra) from this device's workers' gradients."""
         raise NotImplementedError
 
+    def step_metrics(self, ctx: StepContext, extra) -> dict:
+        """Scalars to log for this step, equal on every device (e.g. gradient staleness); none by default."""
+        return {}
+
     # -- reporting (global arrays) ----------------------------------------------------------------
     def eval_params(self, params, extra):
         """The one model evaluation uses (default: the shared copy, or the workers' average)."""
         return jax.tree.map(lambda t: jnp.mean(t, axis=0), params) if self.per_worker else params
+
+    extra_eval_models: ClassVar[tuple[str, ...]] = ()  # further models evaluated and logged, by name
+
+    def extra_eval_params(self, name: str, params, extra):
+        """The model ``name`` of ``extra_eval_models`` (e.g. EASGD's worker average)."""
+        raise KeyError(f"strategy {self.name!r} has no evaluation model {name!r}")
 
     def worker_params(self, params, extra):
         """Each worker's model ([k, ...] leaves) for the consensus distance; None when there is one copy."""
@@ -96,6 +113,11 @@ class Strategy:
 
     def bytes_sent_per_worker_per_step(self, num_workers: int, model_bytes: int) -> float:
         """Bytes one worker sends per step, by the algorithm (not by how workers share devices)."""
+        raise NotImplementedError
+
+    def step_time(self, compute_s: float, num_workers: int, model_bytes: float, alpha: float, beta: float) -> float:
+        """Modelled seconds per step: ``compute_s`` for a worker's forward/backward plus this strategy's
+        communication on a network of latency α and inverse bandwidth β (α-β model, ``lbsgd.commcost``)."""
         raise NotImplementedError
 
     def describe(self) -> dict:

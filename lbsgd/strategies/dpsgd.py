@@ -30,6 +30,7 @@ import dataclasses
 import numpy as np
 import optax
 
+from lbsgd import commcost
 from lbsgd.parallel import mixing
 from lbsgd.strategies.base import Strategy, local_steps
 
@@ -86,6 +87,12 @@ class DPSGD(Strategy):
     def bytes_sent_per_worker_per_step(self, num_workers, model_bytes):
         """Out-degree × model size (mean over the pool for a time-varying graph)."""
         return mixing.messages_per_worker(self.pool) * model_bytes
+
+    def step_time(self, compute_s, num_workers, model_bytes, alpha, beta):
+        """Out-degree messages of the model, one after another on the worker's link; overlapped with
+        compute for ``awc`` (max), after it for ``atc`` (sum)."""
+        comm = mixing.messages_per_worker(self.pool) * commcost.message_time(model_bytes, alpha, beta)
+        return max(compute_s, comm) if self.form == "awc" else compute_s + comm
 
     def describe(self):
         """Strategy, topology and form."""

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lbsgd import commcost
 from lbsgd.parallel import mixing
 from lbsgd.strategies.base import Strategy, local_steps
 
@@ -103,6 +104,10 @@ class GossipPull(_Gossip):
         """One model per worker per step (every worker is pulled by exactly one peer)."""
         return mixing.messages_per_worker(self.pool) * model_bytes
 
+    def step_time(self, compute_s, num_workers, model_bytes, alpha, beta):
+        """The pulled model must arrive before the forward pass: compute + one message."""
+        return compute_s + commcost.message_time(model_bytes, alpha, beta)
+
 
 def _scale(tree, w):
     """Multiply every per-worker leaf [m, ...] by the per-worker scalar w [m]."""
@@ -148,3 +153,7 @@ class GossipPush(_Gossip):
     def bytes_sent_per_worker_per_step(self, num_workers, model_bytes):
         """One model plus one float32 weight per worker per step."""
         return mixing.messages_per_worker(self.pool) * (model_bytes + 4)
+
+    def step_time(self, compute_s, num_workers, model_bytes, alpha, beta):
+        """Compute, then push one message (model + weight); the next step needs what was received."""
+        return compute_s + commcost.message_time(model_bytes + 4, alpha, beta)

@@ -1,0 +1,388 @@
+r"""Every strategy on the same task, data order and budget: ``python -m lbsgd.compare --config=experiments/digits.py``.
+
+The small-scale analogue of Jin et al. 2016's error-vs-time figures. For each k in ``--workers`` and
+each seed, it trains ``--config`` once per strategy (allreduce; D-PSGD on a ring, an exponential
+graph, the complete graph and the one-peer exponential graph; gossip pull; gossip push-sum, random and
+one-peer exponential; EASGD with τ = 1 and 10; the asynchronous parameter server with staleness
+k−1) through ``python -m lbsgd.main``, one workdir per run under ``--workdir``. A finished run (its
+results.json exists) is not rerun; an interrupted one resumes from its checkpoint. One progress line
+per run.
+
+Outputs in ``--workdir``:
+
+* ``compare.csv`` — one row per run: every results.json field, its modelled step times and the
+  modelled time to finish on each network;
+* ``compare.md`` — mean ± std over seeds per strategy and k;
+* ``compare_epochs.png`` — test error against epochs;
+* ``compare_time_k<k>.png`` — test error against modelled wall-clock time, on 10 GbE and 56 Gb/s
+  InfiniBand, with the model as it is and as large as ResNet-50 (25.6 M parameters).
+
+**Time model.** A step lasts the compute time of one worker (its forward and backward on n examples)
+plus the strategy's own communication in the α-β model (``Strategy.step_time``: a ring allreduce for
+allreduce, degree messages for D-PSGD (overlapped with compute in the ``awc`` form), one message for
+gossip, an allreduce every τ steps for EASGD, k messages through one server link for the parameter
+server). The compute time is ``--compute_ms`` if given, else measured: n divided by the images/s of
+the allreduce run with the same k (one worker's share, as if each worker had this whole machine).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from typing import Sequence
+
+from lbsgd import cli, commcost
+
+RESNET50_PARAMS = 25_557_032  # lbsgd.models.resnet.resnet50, counted in tests/test_models.py
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One strategy setting of the comparison: a label and its ``--config.*`` overrides (``{k}`` = k)."""
+
+    label: str
+    overrides: tuple[str, ...]
+
+    def args(self, k: int) -> list[str]:
+        """The overrides for k workers."""
+        return [f"--config.{o.format(k=k, k_minus_1=k - 1)}" for o in self.overrides]
+
+
+ENTRIES = (
+    Entry("allreduce", ("strategy=allreduce",)),
+    Entry("dpsgd ring", ("strategy=dpsgd", "topology=ring")),
+    Entry("dpsgd exponential", ("strategy=dpsgd", "topology=exponential")),
+    Entry("dpsgd complete", ("strategy=dpsgd", "topology=complete")),
+    Entry("dpsgd one-peer-exp", ("strategy=dpsgd", "topology=one_peer_exponential")),
+    Entry("gossip pull", ("strategy=gossip_pull",)),
+    Entry("gossip push", ("strategy=gossip_push", "topology=random")),
+    Entry("gossip push one-peer-exp", ("strategy=gossip_push", "topology=one_peer_exponential")),
+    Entry("easgd tau=1", ("strategy=easgd", "easgd.period=1")),
+    Entry("easgd tau=10", ("strategy=easgd", "easgd.period=10")),
+    Entry("async_ps tau=k-1", ("strategy=async_ps", "async_ps.staleness={k_minus_1}")),
+)
+LABELS = tuple(e.label for e in ENTRIES)
+
+
+def slug(label: str) -> str:
+    """A directory-safe name for a label."""
+    return "".join(c if c.isalnum() or c == "-" else "_" for c in label)
+
+
+def run_dir(workdir: str, entry: Entry, k: int, seed: int) -> str:
+    """The workdir of one run."""
+    return os.path.join(workdir, f"{slug(entry.label)}_k{k}_seed{seed}")
+
+
+def child_env(cpu_devices: int) -> dict:
+    """The environment for a run: ``cpu_devices`` simulated CPU devices unless XLA_FLAGS already says."""
+    env = dict(os.environ)
+    flags = env.get("XLA_FLAGS", "")
+    if cpu_devices and "xla_force_host_platform_device_count" not in flags:
+        env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={cpu_devices}".strip()
+    return env
+
+
+def run_one(config: str, workdir: str, entry: Entry, k: int, seed: int, extra: Sequence[str], env: dict) -> dict:
+    """Train one run (or resume it) and return its results.json; raises RuntimeError with the error line."""
+    out = run_dir(workdir, entry, k, seed)
+    done = os.path.join(out, "results.json")
+    if not os.path.exists(done):
+        cmd = [
+            sys.executable,
+            "-m",
+            "lbsgd.main",
+            f"--config={config}",
+            f"--workdir={out}",
+            f"--config.num_workers={k}",
+            f"--config.seed={seed}",
+            *entry.args(k),
+            *extra,
+        ]
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "log.txt"), "a") as log:
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.PIPE, text=True, env=env)
+            log.write(proc.stderr)
+        if proc.returncode != 0:
+            errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("lbsgd:")]
+            tail = errors[-1] if errors else (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"{entry.label}, k={k}, seed {seed} failed ({tail}); log: {out}/log.txt")
+    with open(done) as f:
+        return json.load(f)
+
+
+def eval_history(path: str) -> list[dict]:
+    """The run's evaluations in step order (the last line per step wins: a resumed run may repeat one)."""
+    by_step = {}
+    history = os.path.join(path, "eval_history.jsonl")
+    if os.path.exists(history):
+        with open(history) as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    by_step[row["step"]] = row
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def strategy_of(config_path: str, entry: Entry, k: int, num_devices: int):
+    """The strategy object a run of ``entry`` builds (for its time model)."""
+    from lbsgd import strategies
+
+    config = load_config(config_path)
+    config.num_workers = k
+    for override in entry.args(k):
+        key, value = override[len("--config.") :].split("=", 1)
+        target = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        current = target[leaf]
+        target[leaf] = type(current)(value) if not isinstance(current, str) else value
+    return strategies.from_config(config, num_devices)
+
+
+def load_config(path: str):
+    """``get_config()`` of a config file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lbsgd_compare_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def model_sizes(results: dict) -> dict[str, float]:
+    """Model bytes for the time model: the trained model as it is, and ResNet-50 (float32)."""
+    return {"as-is": 4.0 * results["num_params"], "ResNet-50": 4.0 * RESNET50_PARAMS}
+
+
+def modelled_times(strategy, results: dict, compute_s: float) -> dict[str, float]:
+    """Modelled seconds per step on each network × model size."""
+    out = {}
+    for net, (gbit, latency_us) in commcost.NETWORKS.items():
+        alpha, beta, _ = commcost.model_params(gbit, latency_us, 0.0)
+        for size_name, nbytes in model_sizes(results).items():
+            out[f"{net} {size_name}"] = strategy.step_time(compute_s, results["num_workers"], nbytes, alpha, beta)
+    return out
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    m = sum(values) / len(values)
+    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, s
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    """All rows, with the union of their fields as columns."""
+    fields = []
+    for row in rows:
+        fields += [f for f in row if f not in fields]
+    with open(path + ".tmp", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(path + ".tmp", path)
+
+
+def summary_table(rows: list[dict], workers: Sequence[int]) -> str:
+    """compare.md: one line per strategy and k, mean ± std over seeds."""
+    lines = [
+        "| strategy | k | seeds | test accuracy (%) | consensus distance | MB sent / worker / step | images/s "
+        "| modelled s/step 10GbE (as-is / ResNet-50) | modelled s/step IB56 (as-is / ResNet-50) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for k in workers:
+        for label in LABELS:
+            sel = [r for r in rows if r["label"] == label and r["num_workers"] == k]
+            if not sel:
+                continue
+            acc = mean_std([100 * r["eval_accuracy"] for r in sel])
+            cd = mean_std([r["consensus_distance"] for r in sel])
+            ips = mean_std([r["images_per_second"] for r in sel])
+            mb = sel[0]["bytes_sent_per_worker_per_step"] / 1e6
+            t = {key: sel[0][f"step_s {key}"] for key in ("10GbE as-is", "10GbE ResNet-50", "IB56 as-is", "IB56 ResNet-50")}
+            lines.append(
+                f"| {label} | {k} | {len(sel)} | {acc[0]:.2f} ± {acc[1]:.2f} | {cd[0]:.2g} | {mb:.2f} | {ips[0]:,.0f} "
+                f"| {t['10GbE as-is']:.4f} / {t['10GbE ResNet-50']:.3f} | {t['IB56 as-is']:.4f} / {t['IB56 ResNet-50']:.3f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(workdir: str, rows: list[dict], histories: dict, workers: Sequence[int]) -> list[str]:
+    """compare_epochs.png and one compare_time_k<k>.png per k; returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {label: plt.cm.tab20(i / max(1, len(LABELS) - 1)) for i, label in enumerate(LABELS)}
+    paths = []
+
+    def curves(k):
+        """label -> list over seeds of (epochs, steps, errors, row)."""
+        out = {}
+        for row in rows:
+            if row["num_workers"] != k:
+                continue
+            h = histories[row["run"]]
+            out.setdefault(row["label"], []).append(
+                ([e["epoch"] for e in h], [e["step"] for e in h], [100 * (1 - e["eval_accuracy"]) for e in h], row)
+            )
+        return out
+
+    fig, axes = plt.subplots(1, len(workers), figsize=(6 * len(workers), 4.5), squeeze=False)
+    for ax, k in zip(axes[0], workers):
+        for label, runs in curves(k).items():
+            for i, (epochs, _, errors, _) in enumerate(runs):
+                ax.plot(epochs, errors, color=colors[label], alpha=0.9, lw=1.2, label=label if i == 0 else None)
+        ax.set(title=f"k = {k} workers", xlabel="epoch", ylabel="test error (%)", yscale="log")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="upper right")
+    fig.suptitle("Test error against epochs (digits; every seed drawn)")
+    fig.tight_layout()
+    path = os.path.join(workdir, "compare_epochs.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
+
+    for k in workers:
+        fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), squeeze=False)
+        panels = [(net, size) for net in commcost.NETWORKS for size in ("as-is", "ResNet-50")]
+        for ax, (net, size) in zip(axes.flat, panels):
+            for label, runs in curves(k).items():
+                for i, (_, steps, errors, row) in enumerate(runs):
+                    seconds = [s * row[f"step_s {net} {size}"] for s in steps]
+                    ax.plot(seconds, errors, color=colors[label], lw=1.2, label=label if i == 0 else None)
+            gbit, lat = commcost.NETWORKS[net]
+            nparams = rows[0]["num_params"] if size == "as-is" else RESNET50_PARAMS
+            ax.set(
+                title=f"{net} ({gbit:g} Gb/s, {lat:g} µs), model of {nparams / 1e6:.2f} M params ({size})",
+                xlabel="modelled wall-clock time (s)",
+                ylabel="test error (%)",
+                xscale="log",
+                yscale="log",
+            )
+            ax.title.set_fontsize(9)
+            ax.grid(alpha=0.3)
+        axes[0][1].legend(fontsize=7, loc="upper right")
+        compute = rows[0].get("compute_s_per_step") if rows else None
+        fig.suptitle(
+            f"Test error against modelled time, k = {k} (compute {1000 * (compute or 0):.2f} ms/step per worker, "
+            f"α-β communication per strategy)"
+        )
+        fig.tight_layout()
+        path = os.path.join(workdir, f"compare_time_k{k}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def parse(argv):
+    """Flags; bad ones are one line and exit 2."""
+    ap = cli.ArgumentParser(prog="python -m lbsgd.compare", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="an experiments/*.py config file")
+    ap.add_argument("--workdir", default="runs/compare")
+    ap.add_argument("--workers", default="8,16", help="comma-separated k values")
+    ap.add_argument("--seeds", default="0,1", help="comma-separated seeds")
+    ap.add_argument("--strategies", default="", help="comma-separated labels to run (default: all); see --list")
+    ap.add_argument("--list", action="store_true", help="print the strategy labels and exit")
+    ap.add_argument("--num_epochs", type=cli.positive(int), default=None, help="override the config's epochs")
+    ap.add_argument("--cpu_devices", type=int, default=8, help="simulated CPU devices per run (0: leave as is)")
+    ap.add_argument("--compute_ms", type=cli.positive(float), default=None, help="compute time per step per worker")
+    ap.add_argument("--override", action="append", default=[], help="extra --config.X=Y for every run")
+    args = ap.parse_args(argv)
+    if args.list:
+        return args
+    if not os.path.isfile(args.config):
+        ap.error(f"--config file {args.config!r} does not exist; pass an experiments/*.py file")
+    try:
+        args.worker_list = [int(x) for x in args.workers.split(",") if x]
+        args.seed_list = [int(x) for x in args.seeds.split(",") if x]
+    except ValueError:
+        ap.error(f"--workers={args.workers!r} and --seeds={args.seeds!r} must be comma-separated integers")
+    if not args.worker_list or min(args.worker_list) < 1 or not args.seed_list:
+        ap.error("--workers needs positive integers and --seeds at least one seed")
+    wanted = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    unknown = [w for w in wanted if w not in LABELS]
+    if unknown:
+        ap.error(f"unknown strategy label {unknown[0]!r}; use --list to see them")
+    args.entries = [e for e in ENTRIES if not wanted or e.label in wanted]
+    bad = [o for o in args.override if "=" not in o]
+    if bad:
+        ap.error(f"--override {bad[0]!r} must look like num_epochs=10")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run (or resume) every run, then write compare.csv, compare.md and the figures."""
+    args = parse(sys.argv[1:] if argv is None else argv)
+    if args.list:
+        print("\n".join(LABELS))
+        return 0
+    os.makedirs(args.workdir, exist_ok=True)
+    extra = ["--config.eval_every_epochs=1", *[f"--config.{o}" for o in args.override]]
+    if args.num_epochs:
+        extra.append(f"--config.num_epochs={args.num_epochs}")
+    env = child_env(args.cpu_devices)
+    plan = [(k, seed, e) for seed in args.seed_list for k in args.worker_list for e in args.entries]  # seed-major
+    t0 = time.time()
+    rows, histories, failures = [], {}, []
+    for i, (k, seed, entry) in enumerate(plan, 1):
+        t_run = time.time()
+        path = run_dir(args.workdir, entry, k, seed)
+        cached = os.path.exists(os.path.join(path, "results.json"))
+        try:
+            results = run_one(args.config, args.workdir, entry, k, seed, extra, env)
+        except RuntimeError as e:
+            failures.append(str(e))
+            print(f"[{i}/{len(plan)}] {e}", flush=True)
+            continue
+        rows.append({"label": entry.label, "seed": seed, "run": path, **results})
+        histories[path] = eval_history(path)
+        elapsed = time.time() - t0
+        eta = elapsed / i * (len(plan) - i)
+        print(
+            f"[{i}/{len(plan)}] {entry.label}, k={k}, seed {seed}: test accuracy "
+            f"{100 * results['eval_accuracy']:.2f} % ({'already done' if cached else f'{time.time() - t_run:.0f} s'}; "
+            f"elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min)",
+            flush=True,
+        )
+    # Time model: compute per worker and step from the allreduce run with the same k (or --compute_ms).
+    for row in rows:
+        k = row["num_workers"]
+        if args.compute_ms:
+            compute_s = args.compute_ms / 1000
+        else:
+            base = [r for r in rows if r["label"] == "allreduce" and r["num_workers"] == k]
+            ref = base[0] if base else row
+            compute_s = row["per_worker_batch_size"] / max(ref["images_per_second"], 1e-9)
+        entry = next(e for e in ENTRIES if e.label == row["label"])
+        strategy = strategy_of(args.config, entry, k, row["devices"])
+        row["compute_s_per_step"] = compute_s
+        for key, seconds in modelled_times(strategy, row, compute_s).items():
+            row[f"step_s {key}"] = seconds
+            row[f"total_s {key}"] = seconds * row["steps"]
+    if rows:
+        write_csv(os.path.join(args.workdir, "compare.csv"), rows)
+        with open(os.path.join(args.workdir, "compare.md"), "w") as f:
+            f.write(summary_table(rows, args.worker_list))
+        for p in plot(args.workdir, rows, histories, args.worker_list):
+            print(f"wrote {p}")
+        print(f"wrote {os.path.join(args.workdir, 'compare.csv')} and compare.md ({len(rows)} runs, "
+              f"{(time.time() - t0) / 60:.1f} min)")
+    if failures:
+        print(f"lbsgd.compare: error: {len(failures)} run(s) failed; first: {failures[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
