@@ -86,7 +86,11 @@ def _read(path):
         return json.load(f)
 
 
-STRATEGY_ARGS = {"allreduce": [], "gossip_push": ["--config.strategy=gossip_push"]}
+STRATEGY_ARGS = {  # strategies whose own state must survive a crash: push-sum weights; stale copies and delays
+    "allreduce": [],
+    "gossip_push": ["--config.strategy=gossip_push"],
+    "async_ps": ["--config.strategy=async_ps", "--config.async_ps.staleness=3", "--config.async_ps.delay=random"],
+}
 
 
 def _short_run(workdir, data_dir, strategy="allreduce"):

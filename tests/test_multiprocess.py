@@ -34,7 +34,7 @@ def _summary(workdir):
     with open(os.path.join(workdir, "results.json")) as f:
         results = json.load(f)
     ckpt = train.load_checkpoint(str(workdir))
-    return results, _flat((ckpt["params"], ckpt["batch_stats"]))
+    return results, _flat((ckpt["params"], ckpt["batch_stats"], ckpt.get("extra", {})))
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +99,22 @@ def test_same_run_on_two_processes(reference, tmp_path, data_dir, devices_per_pr
     assert diff <= 1e-5
 
 
-def test_gossip_pull_same_run_on_two_processes(tmp_path_factory, data_dir):
-    """Decentralized workers: the same peers and the same run on 1 process x 8 devices and 2 x 4."""
-    ref_dir, mp_dir = tmp_path_factory.mktemp("gp_ref"), tmp_path_factory.mktemp("gp_mp")
-    config = tiny_config(data_dir, max_steps=STEPS, checkpoint_every_steps=STEPS, strategy="gossip_pull")
+STRATEGY_CASES = {  # strategy -> config overrides that make its own state non-trivial within STEPS steps
+    "gossip_pull": {"strategy": "gossip_pull"},
+    "easgd": {"strategy": "easgd", "easgd.period": 2},
+    "async_ps": {"strategy": "async_ps", "async_ps.staleness": 2, "async_ps.delay": "random"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGY_CASES))
+def test_strategy_same_run_on_two_processes(tmp_path_factory, data_dir, name):
+    """Per-worker state across processes: the same peers, draws and run on 1 process x 8 devices and 2 x 4."""
+    overrides = STRATEGY_CASES[name]
+    ref_dir, mp_dir = tmp_path_factory.mktemp(f"{name}_ref"), tmp_path_factory.mktemp(f"{name}_mp")
+    config = tiny_config(data_dir, max_steps=STEPS, checkpoint_every_steps=STEPS)
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        (config[parents[0]] if parents else config)[leaf] = value
     train.train_and_evaluate(config, str(ref_dir))
     proc = _launch(
         [
@@ -115,17 +127,17 @@ def test_gossip_pull_same_run_on_two_processes(tmp_path_factory, data_dir):
             f"--config.max_steps={STEPS}",
             "--config.num_epochs=1",
             f"--config.checkpoint_every_steps={STEPS}",
-            "--config.strategy=gossip_pull",
+            *[f"--config.{key}={value}" for key, value in overrides.items()],
         ]
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    (want, want_params), (got, got_params) = _summary(ref_dir), _summary(mp_dir)
-    assert got["processes"] == 2 and got["strategy"] == "gossip_pull"
+    (want, want_state), (got, got_state) = _summary(ref_dir), _summary(mp_dir)
+    assert got["processes"] == 2 and got["strategy"] == name
     for field in ("train_loss", "eval_loss", "eval_accuracy", "consensus_distance"):
         assert got[field] == pytest.approx(want[field], rel=1e-5, abs=1e-6), field
-    assert want["consensus_distance"] > 0  # the workers hold different models
-    diff = np.abs(got_params - want_params).max()
-    print(f"gossip_pull, 2 processes x 4 devices: max |param diff| vs 1 process x 8 devices = {diff:.3g}")
+    assert want["consensus_distance"] > 0  # the workers (or their pulled copies) really differ
+    diff = np.abs(got_state - want_state).max()
+    print(f"{name}, 2 processes x 4 devices: max |state diff| vs 1 process x 8 devices = {diff:.3g}")
     assert diff <= 1e-5
 
 
