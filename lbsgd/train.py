@@ -484,7 +484,7 @@ def restore_or_init(run: Run, mngr) -> TrainState:
     k, n, lay = config.num_workers, config.per_worker_batch_size, run.layout
     log.info(
         "model %s: %s parameters; k=%d workers x n=%d = %d per step on %d devices (%d processes), "
-        "%d workers/device; strategy %s; %d steps/epoch, %d steps",
+        "%d workers/device; strategy %s (%.3g MB sent per worker per step); %d steps/epoch, %d steps",
         config.model,
         f"{num_parameters(state, run.strategy):,}",
         k,
@@ -494,6 +494,7 @@ def restore_or_init(run: Run, mngr) -> TrainState:
         lay.num_processes,
         lay.workers_per_device,
         " ".join(f"{key}={value}" for key, value in run.strategy.describe().items()),
+        run.strategy.bytes_sent_per_worker_per_step(k, model_bytes(state, run.strategy)) / 1e6,
         run.steps_per_epoch,
         run.total_steps,
     )
