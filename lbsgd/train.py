@@ -249,7 +249,7 @@ def make_eval_step(model, layout: layout_lib.WorkerLayout, strategy: strategies.
             params = strategy.extra_eval_params(model_name, state.params, state.extra)
         else:
             params = strategy.eval_params(state.params, state.extra)
-        stats = jax.tree.map(lambda t: jnp.mean(t, axis=0), state.batch_stats)
+        stats = mixing.worker_mean(state.batch_stats)
         fn = jax.shard_map(
             per_device, mesh=layout.mesh, in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS)), out_specs=P(), check_vma=False
         )
@@ -268,10 +268,20 @@ def make_consensus_fn(strategy: strategies.Strategy):
     return jax.jit(distance)
 
 
+def _one_model(state: TrainState, strategy: strategies.Strategy):
+    """(shape, itemsize) of each leaf of one worker's parameters (the leading worker axis dropped)."""
+    drop = 1 if strategy.per_worker else 0
+    return [(x.shape[drop:], x.dtype.itemsize) for x in jax.tree.leaves(state.params)]
+
+
+def num_parameters(state: TrainState, strategy: strategies.Strategy) -> int:
+    """Parameters of one model (one worker's copy)."""
+    return sum(int(np.prod(shape)) for shape, _ in _one_model(state, strategy))
+
+
 def model_bytes(state: TrainState, strategy: strategies.Strategy) -> int:
     """Bytes of one worker's parameters (what a worker sends when it sends its model)."""
-    drop = 1 if strategy.per_worker else 0
-    return sum(int(np.prod(x.shape[drop:])) * x.dtype.itemsize for x in jax.tree.leaves(state.params))
+    return sum(int(np.prod(shape)) * size for shape, size in _one_model(state, strategy))
 
 
 def global_batch(layout: layout_lib.WorkerLayout, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -512,12 +522,6 @@ def restore_or_init(run: Run, mngr) -> TrainState:
         state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(abstract))
         log.info("resumed from checkpoint at step %d", int(state.step))
     return state
-
-
-def num_parameters(state: TrainState, strategy: strategies.Strategy) -> int:
-    """Parameters of one model (one worker's copy)."""
-    drop = 1 if strategy.per_worker else 0
-    return sum(int(np.prod(x.shape[drop:])) for x in jax.tree.leaves(state.params))
 
 
 @dataclasses.dataclass

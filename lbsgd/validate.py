@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import tempfile
 
-from lbsgd.parallel.aggregators import AGGREGATIONS
-from lbsgd.strategies import STRATEGIES
 WARMUPS = ("gradual", "constant", "none")
 DECAYS = ("step", "cosine", "none")
 OPTIMIZERS = ("goyal_sgd", "lars", "sgd")
@@ -35,6 +33,7 @@ def check_config(config) -> None:
     """Static checks of names and values (no devices, no data)."""
     from lbsgd import strategies
     from lbsgd.models import resnet
+    from lbsgd.parallel.aggregators import AGGREGATIONS
 
     for field in (
         "num_workers",
@@ -61,8 +60,7 @@ def check_config(config) -> None:
         ds in ("digits", "imagenet2012") or (ds.startswith(("tfds:", "folder:")) and len(ds.split(":", 1)[1]) > 0)
     ):
         raise ConfigError(f"config.dataset={ds!r} is unknown; use one of: {', '.join(DATASETS)}")
-    _choice(config, "strategy", STRATEGIES)
-    try:
+    try:  # the strategy name, its topology and options (names defined beside the strategies)
         strategies.check_config(config)
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -9,6 +9,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from conftest import tiny_config
 from lbsgd import optim, strategies, train
 from lbsgd.parallel import layout as layout_lib
 from lbsgd.parallel import mixing
@@ -384,22 +385,11 @@ def test_gossip_accumulation_microsteps_give_the_same_run():
 
 
 def _config(**fields):
-    import ml_collections
-
-    from conftest import REPO  # noqa: F401 - puts experiments on the path
-    import sys
-
-    sys.path.insert(0, REPO)
-    from experiments import digits
-
-    c = digits.get_config()
+    """The digits config with ``fields`` set (``section.key`` for nested options)."""
+    c = tiny_config("")
     for key, value in fields.items():
-        if "." in key:
-            section, sub = key.split(".")
-            c[section][sub] = value
-        else:
-            c[key] = value
-    assert isinstance(c, ml_collections.ConfigDict)
+        *section, leaf = key.split(".")
+        (c[section[0]] if section else c)[leaf] = value
     return c
 
 

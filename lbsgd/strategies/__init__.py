@@ -22,7 +22,7 @@ import dataclasses
 from typing import Callable
 
 from lbsgd.parallel import mixing
-from lbsgd.strategies import allreduce, async_ps, dpsgd, easgd, gossip
+from lbsgd.strategies import async_ps, dpsgd, easgd, gossip
 from lbsgd.strategies.allreduce import Allreduce
 from lbsgd.strategies.async_ps import AsyncPS
 from lbsgd.strategies.base import StepContext, Strategy

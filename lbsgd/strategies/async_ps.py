@@ -38,14 +38,10 @@ from jax.sharding import PartitionSpec as P
 from lbsgd import commcost
 from lbsgd.parallel import aggregators
 from lbsgd.parallel.layout import AXIS
-from lbsgd.strategies.base import Strategy
+from lbsgd.strategies.base import Strategy, per_worker_values
 
 DELAYS = ("fixed", "random")
 OPTIONS = {"staleness": 0, "delay": "fixed"}  # config.async_ps defaults
-
-
-def _broadcast_workers(mask, tree_leaf):
-    return mask.reshape(-1, *([1] * (tree_leaf.ndim - 1)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +94,7 @@ class AsyncPS(Strategy):
         else:
             pull = (ctx.step + 1 + workers) % (self.staleness + 1) == 0
         copies = jax.tree.map(
-            lambda c, x: jnp.where(_broadcast_workers(pull, c), x[None].astype(c.dtype), c), extra["copy"], params
+            lambda c, x: jnp.where(per_worker_values(pull, c), x[None].astype(c.dtype), c), extra["copy"], params
         )
         age = jnp.where(pull, 0, extra["age"] + 1)
         return params, opt_state, {"copy": copies, "age": age, "countdown": countdown}

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
+from lbsgd.parallel import mixing
 from lbsgd.parallel.layout import AXIS
 
 
@@ -99,7 +100,7 @@ class Strategy:
     # -- reporting (global arrays) ----------------------------------------------------------------
     def eval_params(self, params, extra):
         """The one model evaluation uses (default: the shared copy, or the workers' average)."""
-        return jax.tree.map(lambda t: jnp.mean(t, axis=0), params) if self.per_worker else params
+        return mixing.worker_mean(params) if self.per_worker else params
 
     extra_eval_models: ClassVar[tuple[str, ...]] = ()  # further models evaluated and logged, by name
 
@@ -123,6 +124,11 @@ class Strategy:
     def describe(self) -> dict:
         """Fields for results.json and the log: the strategy's name and options."""
         return {"strategy": self.name}
+
+
+def per_worker_values(values, leaf):
+    """Per-worker scalars ``values`` [m] shaped to broadcast against a per-worker ``leaf`` [m, ...]."""
+    return values.reshape(-1, *([1] * (leaf.ndim - 1)))
 
 
 def local_steps(tx, grads, opt_state, params):

@@ -26,6 +26,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from lbsgd import commcost
+from lbsgd.parallel import mixing
 from lbsgd.strategies.base import Strategy, local_steps
 
 OPTIONS = {"beta": 0.8, "period": 1}  # config.easgd defaults
@@ -82,7 +83,7 @@ class EASGD(Strategy):
         """``worker_average``: the mean of the workers' models."""
         if name != "worker_average":
             return super().extra_eval_params(name, params, extra)
-        return jax.tree.map(lambda t: jnp.mean(t, axis=0), params)
+        return mixing.worker_mean(params)
 
     def bytes_sent_per_worker_per_step(self, num_workers, model_bytes):
         """One allreduce of the model (2(k−1)/k of it per worker, as ring or halving/doubling) every τ steps."""

@@ -39,7 +39,7 @@ import optax
 
 from lbsgd import commcost
 from lbsgd.parallel import mixing
-from lbsgd.strategies.base import Strategy, local_steps
+from lbsgd.strategies.base import Strategy, local_steps, per_worker_values
 
 PULL_TOPOLOGIES = (mixing.RANDOM,)
 PUSH_TOPOLOGIES = (mixing.RANDOM, "one_peer_exponential")
@@ -111,7 +111,7 @@ class GossipPull(_Gossip):
 
 def _scale(tree, w):
     """Multiply every per-worker leaf [m, ...] by the per-worker scalar w [m]."""
-    return jax.tree.map(lambda t: t * w.reshape(-1, *([1] * (t.ndim - 1))).astype(t.dtype), tree)
+    return jax.tree.map(lambda t: t * per_worker_values(w, t).astype(t.dtype), tree)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +144,7 @@ class GossipPush(_Gossip):
 
     def eval_params(self, params, extra):
         """The mean of the de-biased models z_i."""
-        return jax.tree.map(lambda t: jnp.mean(t, axis=0), self.worker_params(params, extra))
+        return mixing.worker_mean(self.worker_params(params, extra))
 
     def worker_params(self, params, extra):
         """z_i = x_i / w_i."""
