@@ -46,6 +46,7 @@ def get_config():
     c.label_smoothing = 0.0
     # Optimizer (lbsgd.optim.from_config).
     c.optimizer = "goyal_sgd"
+    c.lars_trust_ratio = "optax"  # lars: 'optax' (||g + wd w||) | 'paper' (||g|| + wd ||w||, You et al.)
     c.base_learning_rate = 0.4  # per base_batch_size examples
     c.base_batch_size = 256
     c.warmup = "gradual"
@@ -65,4 +66,8 @@ def get_config():
     c.eval_every_epochs = 10
     c.checkpoint_every_steps = 200
     c.max_steps = -1  # >0: stop early after this many steps (smoke tests)
+    # A NaN/inf loss or gradient: 'stop' (exit 3, nothing non-finite saved) or 'skip' the update and
+    # stop after max_consecutive_nonfinite skipped steps in a row.
+    c.on_nonfinite = "stop"
+    c.max_consecutive_nonfinite = 10
     return c

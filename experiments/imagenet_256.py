@@ -71,6 +71,7 @@ def get_config():
     c.label_smoothing = 0.0
     # Optimizer (lbsgd.optim.from_config).
     c.optimizer = "goyal_sgd"
+    c.lars_trust_ratio = "optax"  # lars: 'optax' (||g + wd w||) | 'paper' (||g|| + wd ||w||, You et al.)
     c.base_learning_rate = 0.1  # η per base_batch_size images (§2.1)
     c.base_batch_size = 256
     c.warmup = "gradual"  # §2.2; nothing to warm up when kn <= 256
@@ -90,4 +91,8 @@ def get_config():
     c.eval_every_epochs = 1
     c.checkpoint_every_steps = 5000  # about one epoch at kn=256
     c.max_steps = -1  # >0: stop early after this many steps (smoke tests)
+    # A NaN/inf loss or gradient: 'stop' (exit 3, nothing non-finite saved) or 'skip' the update and
+    # stop after max_consecutive_nonfinite skipped steps in a row.
+    c.on_nonfinite = "stop"
+    c.max_consecutive_nonfinite = 10
     return c

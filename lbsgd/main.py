@@ -29,7 +29,7 @@ flags.DEFINE_enum("distributed", "off", ["off", "auto"], "'auto': jax.distribute
 flags.DEFINE_integer("heartbeat_timeout_s", 60, "Multi-process: seconds without a peer's heartbeat before exiting.")
 flags.DEFINE_integer("init_timeout_s", 120, "Multi-process: seconds to wait for every process to join.")
 
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # bad input: config, flags, data, workdir, checkpoints
 
 
 def quiet_native_logs() -> None:
@@ -146,22 +146,24 @@ def main(argv) -> None:
     except validate.ConfigError as e:
         fail(str(e))
 
-    from lbsgd import train
+    from lbsgd import checkpoint, train
     from lbsgd.data import pipeline
 
     try:
         train.train_and_evaluate(config, FLAGS.workdir)
-    except (validate.ConfigError, pipeline.DataError) as e:
+    except (validate.ConfigError, pipeline.DataError, checkpoint.CheckpointError) as e:
         fail(str(e))
     except train.Interrupted as e:
         print(f"lbsgd: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
-
-
-def _latest_checkpoint(workdir: str | None) -> str:
-    ckpts = os.path.join(workdir or "", "checkpoints")
-    steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()) if os.path.isdir(ckpts) else []
-    return f"step {steps[-1]} in {ckpts}" if steps else "none yet"
+    except train.NonFinite as e:
+        print(
+            f"lbsgd: error: {e}; lower the learning rate or set --config.on_nonfinite=skip, then rerun the "
+            f"same command to resume from the last good checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(e.exit_code)
 
 
 def _die_with_parent() -> None:
@@ -190,13 +192,16 @@ def supervise(argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda signum, _frame: child.send_signal(signum))
     code = child.wait()
-    if code not in (0, EXIT_USAGE):
+    explained = (0, EXIT_USAGE, 3, 128 + signal.SIGTERM, 128 + signal.SIGINT)  # the trainer said why
+    if code not in explained:
+        from lbsgd import checkpoint
+
         pid = _flag_value(argv, "process_id")
         how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
         if code < 0 and -code == signal.SIGABRT:
             how += " (collective runtime abort: a peer process died or disconnected)"
         print(
-            f"lbsgd: error: process {pid} {how}; last checkpoint: {_latest_checkpoint(_flag_value(argv, 'workdir'))}; "
+            f"lbsgd: error: process {pid} {how}; last checkpoint: {checkpoint.describe_latest(_flag_value(argv, 'workdir'))}; "
             f"rerun the same command on every host to resume",
             file=sys.stderr,
             flush=True,

@@ -12,7 +12,9 @@ kn, reference rate eta for a minibatch of 256.
   * ``goyal_sgd``       -- L2 weight decay as a separate gradient term
                            (Remark 1), no decay on BN gamma/beta or biases,
                            then ``momentum_sgd``.
-  * ``lars``            -- LARS (You et al. 2017) on top of ``momentum_sgd``.
+  * ``lars``            -- LARS (You et al. 2017) on top of ``momentum_sgd``,
+                           with optax's or the paper's trust ratio
+                           (``scale_by_paper_trust_ratio``).
   * ``from_config``     -- builds (transform, schedule) from a config object.
 
 This module depends only on jax and optax so that it can be copied into other
@@ -30,6 +32,7 @@ ScalarOrSchedule = Union[float, optax.Schedule]
 WARMUPS = ("gradual", "constant", "none")
 DECAYS = ("step", "cosine", "none")
 OPTIMIZERS = ("goyal_sgd", "lars", "sgd")
+TRUST_RATIOS = ("optax", "paper")
 
 
 def _check_choice(field: str, value: Any, valid: Sequence[str]) -> None:
@@ -332,6 +335,52 @@ def goyal_sgd(
     )
 
 
+def scale_by_paper_trust_ratio(
+    weight_decay: float,
+    trust_coefficient: float = 0.001,
+    eps: float = 0.0,
+) -> optax.GradientTransformation:
+    """LARS's local learning rate as You et al. define it, weight decay included.
+
+    You, Gitman, Ginsburg 2017, "Large Batch Training of Convolutional
+    Networks" (arXiv:1708.03888), section 3: the local learning rate of layer l
+    with weight decay beta and the step of Algorithm 1,
+
+        lambda^l = eta * ||w^l|| / (||grad L(w^l)|| + beta * ||w^l||)
+        d^l      = lambda^l * (grad L(w^l) + beta * w^l)
+
+    where eta = ``trust_coefficient``, beta = ``weight_decay`` and grad L is the
+    loss gradient *without* the decay term; ``eps`` is added to the
+    denominator. Each array is one layer. As ``optax.scale_by_trust_ratio``,
+    lambda is taken as 1 where ||w|| = 0 or the denominator is 0.
+
+    The incoming updates must be the plain loss gradients (this transform adds
+    the decay itself; do not put ``add_decayed_weights`` before it), and
+    ``update`` must be called with ``params``. It applies to every leaf it is
+    given: wrap it in ``optax.masked`` to leave biases and BN parameters alone
+    (``lars`` does). Stateless.
+    """
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("scale_by_paper_trust_ratio: update needs params")
+
+        def scale(g, w):
+            w_norm = jnp.linalg.norm(w)
+            denominator = jnp.linalg.norm(g) + weight_decay * w_norm + eps
+            degenerate = (w_norm == 0.0) | (denominator == 0.0)
+            ratio = jnp.where(degenerate, 1.0, trust_coefficient * w_norm / jnp.where(degenerate, 1.0, denominator))
+            return (ratio * (g + weight_decay * w)).astype(g.dtype)
+
+        return jax.tree.map(scale, updates, params), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def lars(
     learning_rate: ScalarOrSchedule,
     *,
@@ -342,34 +391,53 @@ def lars(
     mask: MaskOrFn = weight_decay_mask,
     momentum_correction: bool = True,
     nesterov: bool = False,
+    trust_ratio: str = "optax",
 ) -> optax.GradientTransformation:
     """LARS (You, Gitman, Ginsburg 2017, Algorithm 1) on ``momentum_sgd``.
 
-    For each array w where ``mask`` is True, with global rate eta_t:
+    For each array w where ``mask`` is True, with global rate eta_t, loss
+    gradient g and lambda = ``weight_decay``:
 
         d       = g + lambda * w
-        ratio   = trust_coefficient * ||w|| / (||d|| + eps)
-                  (1 if ||w|| = 0 or ||d|| = 0, as optax.scale_by_trust_ratio)
+        ratio   = trust_coefficient * ||w|| / (D + eps)
+                  (1 if ||w|| = 0 or D = 0, as optax.scale_by_trust_ratio)
         v_{t+1} = m * (eta_{t+1}/eta_t) * v_t + eta_{t+1} * ratio * d
         w      <- w - v_{t+1}
+
+    with the denominator D chosen by ``trust_ratio``:
+
+      * ``'optax'`` (default): D = ||g + lambda * w||, optax's ``lars``
+        composition (add_decayed_weights -> masked scale_by_trust_ratio);
+        the step length is then trust_coefficient * eta * ||w|| exactly.
+      * ``'paper'``: D = ||g|| + lambda * ||w||, the paper's local learning
+        rate with weight decay (section 3 of arXiv:1708.03888; see
+        ``scale_by_paper_trust_ratio``). By the triangle inequality this D is
+        >= optax's, so the paper's steps are never longer; for lambda = 0 the
+        two are the same.
 
     Arrays where ``mask`` is False (BN gamma/beta, biases) get neither decay
     nor trust-ratio scaling: plain momentum SGD at the global rate eta_t.
 
-    Variant: this is optax's ``lars`` composition (add_decayed_weights ->
-    masked scale_by_trust_ratio -> momentum), except that the momentum is the
-    eq. (10) velocity of ``momentum_sgd`` with Remark 2's correction, which is
-    exactly Algorithm 1's v <- m v + gamma_t * lambda^l * (g + beta w).
-    The trust-ratio denominator is ||g + lambda w|| (optax), not the paper's
-    ||g|| + lambda ||w||; the two differ only in how the decay is folded in.
+    The momentum is the eq. (10) velocity of ``momentum_sgd`` with Remark 2's
+    correction, which is exactly Algorithm 1's
+    v <- m v + gamma_t * lambda^l * (g + beta w).
     ``nesterov=True`` uses the Nesterov step of ``momentum_sgd``.
+
+    Raises:
+      ValueError: ``trust_ratio`` is not 'optax' or 'paper'.
     """
+    _check_choice("trust_ratio", trust_ratio, TRUST_RATIOS)
+    everything = lambda p: jax.tree.map(lambda _: True, p)  # noqa: E731
+    layer_mask = mask if mask is not None else everything
+    if trust_ratio == "paper":
+        scaling = [optax.masked(scale_by_paper_trust_ratio(weight_decay, trust_coefficient, eps), layer_mask)]
+    else:
+        scaling = [
+            optax.add_decayed_weights(weight_decay, mask=mask),
+            optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient, eps=eps), layer_mask),
+        ]
     return optax.chain(
-        optax.add_decayed_weights(weight_decay, mask=mask),
-        optax.masked(
-            optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient, eps=eps),
-            mask if mask is not None else (lambda p: jax.tree.map(lambda _: True, p)),
-        ),
+        *scaling,
         momentum_sgd(
             learning_rate,
             momentum,
@@ -394,14 +462,16 @@ def from_config(config: Any, steps_per_epoch: int) -> Tuple[optax.GradientTransf
     decay). Optional, with defaults: ``base_batch_size``=256,
     ``decay``='step', ``decay_epochs``=(30, 60, 80), ``decay_factor``=0.1,
     ``momentum``=0.9, ``nesterov``=True, ``weight_decay``=1e-4,
-    ``momentum_correction``=True, ``trust_coefficient``=0.001.
+    ``momentum_correction``=True, ``trust_coefficient``=0.001,
+    ``lars_trust_ratio``='optax' (``'optax'`` or ``'paper'``, see ``lars``).
 
     The global minibatch is always k * n (never read from the config); the
     schedule is ``goyal_schedule`` of it and is also what the transform uses.
 
     Raises:
-      ValueError: unknown ``config.optimizer``, ``config.warmup`` or
-        ``config.decay``; the message names the field.
+      ValueError: unknown ``config.optimizer``, ``config.warmup``,
+        ``config.decay`` or ``config.lars_trust_ratio``; the message names the
+        field.
       AttributeError: a required attribute is missing.
     """
     optimizer = config.optimizer
@@ -409,6 +479,8 @@ def from_config(config: Any, steps_per_epoch: int) -> Tuple[optax.GradientTransf
     decay = getattr(config, "decay", "step")
     _check_choice("config.warmup", config.warmup, WARMUPS)
     _check_choice("config.decay", decay, DECAYS)
+    trust_ratio = getattr(config, "lars_trust_ratio", "optax")
+    _check_choice("config.lars_trust_ratio", trust_ratio, TRUST_RATIOS)
     global_batch_size = int(config.num_workers) * int(config.per_worker_batch_size)
     schedule = goyal_schedule(
         config.base_learning_rate,
@@ -443,6 +515,7 @@ def from_config(config: Any, steps_per_epoch: int) -> Tuple[optax.GradientTransf
             trust_coefficient=getattr(config, "trust_coefficient", 0.001),
             momentum_correction=correction,
             nesterov=nesterov,
+            trust_ratio=trust_ratio,
         )
     else:
         tx = momentum_sgd(schedule, momentum, nesterov=nesterov, momentum_correction=correction)

@@ -38,7 +38,7 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from lbsgd import optim, strategies
+from lbsgd import checkpoint, optim, strategies
 from lbsgd.models import resnet
 from lbsgd.parallel import mixing
 from lbsgd.parallel import layout as layout_lib
@@ -54,7 +54,8 @@ class TrainState:
 
     ``params``/``opt_state`` are one shared copy (allreduce) or per worker with a leading axis of size k
     (decentralized strategies); ``batch_stats`` always have the leading worker axis (each worker's own
-    BN running statistics); ``extra`` is the strategy's own state (e.g. push-sum weights).
+    BN running statistics); ``extra`` is the strategy's own state (e.g. push-sum weights);
+    ``nonfinite`` counts steps whose loss or gradients were not finite: [in total, consecutively now].
     """
 
     step: jax.Array
@@ -62,6 +63,7 @@ class TrainState:
     batch_stats: Any  # every leaf has a leading axis of size k (one set of running statistics per worker)
     opt_state: Any
     extra: Any = flax.struct.field(default_factory=dict)
+    nonfinite: Any = flax.struct.field(default_factory=lambda: jnp.zeros(2, jnp.int32))
 
 
 def state_specs(state: TrainState, strategy: strategies.Strategy | None = None) -> TrainState:
@@ -75,6 +77,7 @@ def state_specs(state: TrainState, strategy: strategies.Strategy | None = None) 
         batch_stats=jax.tree.map(lambda _: P(AXIS), state.batch_stats),
         opt_state=opt_state,
         extra=extra,
+        nonfinite=P(),
     )
 
 
@@ -121,6 +124,7 @@ def make_train_step(
     strategy: strategies.Strategy | None = None,
     accumulation_steps: int = 1,
     label_smoothing: float = 0.0,
+    skip_nonfinite: bool = False,
 ):
     """Build the jitted train step ``(state, images, labels) -> (state, metrics)``.
 
@@ -130,6 +134,11 @@ def make_train_step(
     BN statistics (divided by the strategy's denominator: kn for allreduce, Remark 3; n for
     decentralized workers), and the strategy combines the gradients into the new state (``update``).
     Metrics are exact over the kn examples. ``strategy`` defaults to allreduce with ``psum``.
+
+    ``metrics['nonfinite']`` is 1.0 when the loss or any worker's gradient was NaN or infinite (so the
+    host learns it with the metrics, no extra sync); ``state.nonfinite`` counts such steps. With
+    ``skip_nonfinite`` such a step changes nothing but the step and the counters (every worker skips
+    it, like ``optax.apply_if_finite``); without, the caller must stop (``train_loop`` does).
     """
     strategy = strategy or allreduce.Allreduce()
     k, n, m, a = layout.num_workers, per_worker_batch_size, layout.workers_per_device, accumulation_steps
@@ -202,14 +211,31 @@ def make_train_step(
         params, opt_state, extra = strategy.update(
             ctx, tx, state.params, state.opt_state, state.extra, grad_params, grads
         )
-        totals = jax.lax.psum(jnp.stack([ce_sum, correct.astype(jnp.float32)]), AXIS)
+        local_ok = jnp.isfinite(ce_sum) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(t)) for t in jax.tree.leaves(grads)]))
+        totals = jax.lax.psum(jnp.stack([ce_sum, correct.astype(jnp.float32), 1.0 - local_ok]), AXIS)
+        finite = totals[2] == 0
+        if skip_nonfinite:  # keep the old state (every device decides alike: the flag is psummed)
+            keep = lambda new, old: jax.tree.map(lambda a_, b_: jnp.where(finite, a_, b_), new, old)  # noqa: E731
+            params, opt_state, extra, new_stats = keep(
+                (params, opt_state, extra, new_stats), (state.params, state.opt_state, state.extra, state.batch_stats)
+            )
+        bad = 1 - finite.astype(jnp.int32)
+        nonfinite = jnp.stack([state.nonfinite[0] + bad, (state.nonfinite[1] + 1) * bad])
         metrics = {
             "loss": totals[0] / (k * n),
             "accuracy": totals[1] / (k * n),
             "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
+            "nonfinite": bad.astype(jnp.float32),
             **strategy.step_metrics(ctx, state.extra),
         }
-        new_state = TrainState(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state, extra=extra)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=params,
+            batch_stats=new_stats,
+            opt_state=opt_state,
+            extra=extra,
+            nonfinite=nonfinite,
+        )
         return new_state, metrics
 
     def step(state, images, labels):
@@ -369,6 +395,43 @@ class Interrupted(Exception):
         )
 
 
+NONFINITE_POLICIES = ("stop", "skip")  # config.on_nonfinite
+
+
+class NonFinite(Exception):
+    """The loss or a gradient became NaN or infinite; the state after it was not saved."""
+
+    exit_code = 3
+
+    def __init__(self, step: int, how: str):
+        self.step = step
+        self.how = how
+        super().__init__(f"non-finite loss or gradient at step {step} ({how})")
+
+
+def check_nonfinite(pending: list, state: TrainState, config) -> None:
+    """Look at the ``nonfinite`` flags of the steps since the last check (fetched with the metrics).
+
+    ``config.on_nonfinite='stop'``: raise ``NonFinite`` naming the first bad step. ``'skip'``: the step
+    already kept the old state; log it, and raise once ``config.max_consecutive_nonfinite`` steps in a
+    row were skipped. ``pending`` holds ``(step, flag)`` pairs and is emptied.
+    """
+    if not pending:
+        return
+    flags = jax.device_get([flag for _, flag in pending])
+    bad = [step for (step, _), flag in zip(pending, flags) if float(flag) > 0]
+    pending.clear()
+    if not bad:
+        return
+    if config.get("on_nonfinite", "stop") == "stop":
+        raise NonFinite(bad[0], "config.on_nonfinite='stop'")
+    total, consecutive = (int(v) for v in jax.device_get(state.nonfinite))
+    log.warning("non-finite loss or gradient at step(s) %s: update skipped (%d skipped in total)", bad, total)
+    limit = config.get("max_consecutive_nonfinite", 10)
+    if consecutive >= limit:
+        raise NonFinite(bad[-1], f"{consecutive} consecutive steps skipped, config.max_consecutive_nonfinite={limit}")
+
+
 class _StopOnSignal:
     """First SIGTERM or SIGINT: finish the current step, checkpoint, stop (a second Ctrl-C stops at once).
 
@@ -423,7 +486,7 @@ class Run:
     @property
     def checkpoint_dir(self) -> str:
         """``WORKDIR/checkpoints`` (absolute)."""
-        return os.path.join(os.path.abspath(self.workdir), "checkpoints")
+        return checkpoint.checkpoint_dir(self.workdir)
 
 
 def _load_dataset(config):
@@ -485,9 +548,8 @@ def setup(config, workdir: str) -> Run:
 
 
 def restore_or_init(run: Run, mngr) -> TrainState:
-    """A fresh state from ``config.seed``, or the latest checkpoint of the workdir when there is one."""
-    import orbax.checkpoint as ocp
-
+    """A fresh state from ``config.seed``, or the newest intact checkpoint of the workdir when there is one
+    (``checkpoint.restore_latest``: a damaged newest one is moved aside with a warning)."""
     config = run.config
     image_shape = (config.image_size, config.image_size, run.dataset.channels)
     state = create_train_state(run.model, run.tx, run.layout, image_shape, config.seed, run.strategy)
@@ -517,10 +579,16 @@ def restore_or_init(run: Run, mngr) -> TrainState:
             g,
             g * n,
         )
-    if mngr.latest_step() is not None:
+    if mngr.all_steps():
+        import orbax.checkpoint as ocp
+        from jax.experimental import multihost_utils
+
+        barrier = (lambda: multihost_utils.sync_global_devices("checkpoint fallback")) if lay.num_processes > 1 else None
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(abstract))
-        log.info("resumed from checkpoint at step %d", int(state.step))
+        restored = checkpoint.restore_latest(mngr, run.workdir, abstract, run.is_chief, barrier)
+        if restored is not None:
+            state = restored
+            log.info("resumed from checkpoint at step %d", int(state.step))
     return state
 
 
@@ -559,8 +627,12 @@ def evaluate_run(run: Run, eval_step, consensus_fn, state, step: int) -> dict[st
 
 
 def train_loop(run: Run, state: TrainState, mngr, train_step, eval_step, consensus_fn) -> LoopResult:
-    """Steps from ``state.step`` to the end: train, log, evaluate, checkpoint, stop cleanly on a signal."""
-    import orbax.checkpoint as ocp
+    """Steps from ``state.step`` to the end: train, log, evaluate, checkpoint, stop cleanly on a signal.
+
+    Whenever the host reads the device anyway (logging, evaluation, checkpointing, the end, a stop), it
+    first checks the steps' non-finite flags (``check_nonfinite``), so a non-finite state is never
+    evaluated or saved.
+    """
     from clu import periodic_actions
 
     from lbsgd.data import pipeline
@@ -595,6 +667,7 @@ def train_loop(run: Run, state: TrainState, mngr, train_step, eval_step, consens
     t_train, timed_steps = None, 0
     stop = _StopOnSignal(enabled=lay.num_processes == 1)
     last_saved = start_step
+    pending = []  # (step, non-finite flag) not yet looked at
     try:
         for step in range(start_step, total_steps):
             b = global_batch(lay, next(batches))
@@ -602,6 +675,7 @@ def train_loop(run: Run, state: TrainState, mngr, train_step, eval_step, consens
             if block:
                 jax.block_until_ready(state)
             window.append(metrics)
+            pending.append((step + 1, metrics["nonfinite"]))
             if t_train is None:  # the first step includes compilation: time from its end
                 jax.block_until_ready(metrics)
                 t_train = time.time()
@@ -612,6 +686,11 @@ def train_loop(run: Run, state: TrainState, mngr, train_step, eval_step, consens
                 h(done)
             if bar is not None:
                 bar.update(1)
+            evaluate_now = (eval_every and done % eval_every == 0) or done == total_steps
+            save_now = done % config.checkpoint_every_steps == 0 or done == total_steps
+            preempted = stop.signum is not None or (lay.num_processes > 1 and mngr.reached_preemption(done))
+            if evaluate_now or save_now or preempted or done % config.log_every_steps == 0:
+                check_nonfinite(pending, state, config)
             if done % config.log_every_steps == 0 or done == total_steps:
                 means = {k_: float(np.mean([float(m_[k_]) for m_ in jax.device_get(window)])) for k_ in window[0]}
                 last_metrics = jax.device_get(metrics)
@@ -619,15 +698,14 @@ def train_loop(run: Run, state: TrainState, mngr, train_step, eval_step, consens
                 if bar is not None:
                     bar.set_postfix(loss=f"{means['loss']:.4f}", acc=f"{means['accuracy']:.3f}")
                 window = []
-            if (eval_every and done % eval_every == 0) or done == total_steps:
+            if evaluate_now:
                 eval_metrics = evaluate_run(run, eval_step, consensus_fn, state, done)
-            if done % config.checkpoint_every_steps == 0 or done == total_steps:
-                mngr.save(done, args=ocp.args.StandardSave(state))
+            if save_now:
+                checkpoint.save(mngr, done, state)
                 last_saved = done
-            preempted = stop.signum is not None or (lay.num_processes > 1 and mngr.reached_preemption(done))
             if preempted and done < total_steps:
                 if last_saved != done:
-                    mngr.save(done, args=ocp.args.StandardSave(state), force=True)
+                    checkpoint.save(mngr, done, state, force=True)
                 mngr.wait_until_finished()
                 raise Interrupted(stop.signum or signal.SIGTERM, done, run.checkpoint_dir)
     finally:
@@ -671,12 +749,13 @@ def write_results(run: Run, result: LoopResult, eval_step, consensus_fn) -> dict
         **{
             f"train_{key}": float(value)
             for key, value in last_metrics.items()
-            if key not in ("loss", "accuracy", "learning_rate")
+            if key not in ("loss", "accuracy", "learning_rate", "nonfinite")
         },
         "bytes_sent_per_worker_per_step": float(
             run.strategy.bytes_sent_per_worker_per_step(k, model_bytes(state, run.strategy))
         ),
         "num_params": num_parameters(state, run.strategy),
+        "nonfinite_steps_skipped": int(jax.device_get(state.nonfinite)[0]),
         "wall_time_s": time.time() - run.t_start,
         "images_per_second": (result.timed_steps * kn / result.train_time) if result.train_time > 0 else 0.0,
         "backend": jax.default_backend(),
@@ -691,12 +770,21 @@ def write_results(run: Run, result: LoopResult, eval_step, consensus_fn) -> dict
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-    """Train ``config`` in ``workdir`` (resuming from its latest checkpoint) and return results.json's dict."""
-    import orbax.checkpoint as ocp
+    """Train ``config`` in ``workdir`` (resuming from its latest intact checkpoint) and return results.json's
+    dict.
 
+    Before anything is compiled, a workdir with checkpoints is checked against the config it recorded
+    (``checkpoint.check_resume``: ``CheckpointError`` if the state or data order would differ). Raises
+    ``NonFinite`` (after committing the saves in flight) when training produced a non-finite value.
+    """
+    changed = checkpoint.check_resume(workdir, config)
+    if changed:
+        log.info("resuming with changed config fields: %s", ", ".join(f"{k_} {a!r} -> {b!r}" for k_, (a, b) in changed.items()))
     run = setup(config, workdir)
+    if run.is_chief:
+        checkpoint.record_config(workdir, config)
     run.writer.write_hparams({k_: v for k_, v in config.items() if isinstance(v, (int, float, str, bool))})
-    mngr = ocp.CheckpointManager(run.checkpoint_dir, options=ocp.CheckpointManagerOptions(max_to_keep=3, create=True))
+    mngr = checkpoint.manager(workdir)
     state = restore_or_init(run, mngr)
     train_step = make_train_step(
         run.model,
@@ -707,33 +795,19 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         strategy=run.strategy,
         accumulation_steps=run.accumulation,
         label_smoothing=config.label_smoothing,
+        skip_nonfinite=config.get("on_nonfinite", "stop") == "skip",
     )
     eval_step = make_eval_step(run.model, run.layout, run.strategy)
     consensus_fn = make_consensus_fn(run.strategy)
-    result = train_loop(run, state, mngr, train_step, eval_step, consensus_fn)
+    try:
+        result = train_loop(run, state, mngr, train_step, eval_step, consensus_fn)
+    except NonFinite as e:
+        mngr.wait_until_finished()  # the good checkpoints in flight are committed; the bad state never saved
+        raise NonFinite(
+            e.step, f"{e.how}; the state after it was not saved; last good checkpoint: {checkpoint.describe_latest(workdir)}"
+        ) from None
     mngr.wait_until_finished()
     results = write_results(run, result, eval_step, consensus_fn)
     mngr.close()
     run.writer.flush()
     return results
-
-
-def load_checkpoint(workdir: str, step: int | None = None) -> dict[str, Any]:
-    """Read a checkpoint of ``workdir`` as a pytree of numpy arrays on the host (any topology).
-
-    ``step=None`` reads the latest. Returns ``{'step', 'params', 'batch_stats', 'opt_state', 'extra'}``;
-    each ``batch_stats`` leaf has the leading worker axis of size k (and so do ``params`` and
-    ``opt_state`` for decentralized strategies).
-    """
-    import orbax.checkpoint as ocp
-
-    ckpts = os.path.join(os.path.abspath(workdir), "checkpoints")
-    steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()) if os.path.isdir(ckpts) else []
-    if not steps:
-        raise FileNotFoundError(f"no checkpoint in {ckpts}")
-    path = os.path.join(ckpts, str(steps[-1] if step is None else step), "default")
-    checkpointer = ocp.PyTreeCheckpointer()
-    meta = checkpointer.metadata(path)
-    tree = getattr(getattr(meta, "item_metadata", meta), "tree", getattr(meta, "item_metadata", meta))
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))

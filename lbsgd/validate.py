@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 
 WARMUPS = ("gradual", "constant", "none")
 DECAYS = ("step", "cosine", "none")
 OPTIMIZERS = ("goyal_sgd", "lars", "sgd")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16")  # float16 needs loss scaling, which lbsgd does not do: refused
 AUGMENTATIONS = ("none", "shift", "inception")
 DATASETS = ("digits", "imagenet2012", "tfds:<name>", "folder:<path>")
 
@@ -25,8 +26,25 @@ def _choice(config, field, choices, shown=None):
 
 def _positive(config, field, kind=(int,)):
     value = config.get(field)
-    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"config.{field}={value!r} must be a positive number; set --config.{field}=<value > 0>")
+
+
+def _in_range(config, field, low, high, default=0.0, high_open=False):
+    """A finite number in [low, high] (or [low, high) with ``high_open``)."""
+    value = config.get(field, default)
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+        and low <= value
+        and (value < high if high_open else value <= high)
+    )
+    if not ok:
+        raise ConfigError(
+            f"config.{field}={value!r} must be a number in [{low}, {high}{')' if high_open else ']'}; "
+            f"set --config.{field}=<value in range>"
+        )
 
 
 def check_config(config) -> None:
@@ -50,6 +68,12 @@ def check_config(config) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigError(f"config.{field}={value!r} must be 0 (automatic) or a positive integer")
     _positive(config, "base_learning_rate", (int, float))
+    if "max_consecutive_nonfinite" in config:
+        _positive(config, "max_consecutive_nonfinite")
+    _in_range(config, "momentum", 0.0, 1.0, high_open=True)
+    _in_range(config, "weight_decay", 0.0, 1.0)
+    _in_range(config, "label_smoothing", 0.0, 1.0, high_open=True)
+    _in_range(config, "warmup_epochs", 0.0, float("inf"), high_open=True)
     _positive(config, "bucket_mb", (int, float))
     if not isinstance(config.get("num_devices"), int) or config.num_devices < 0:
         raise ConfigError(
@@ -68,11 +92,22 @@ def check_config(config) -> None:
     _choice(config, "warmup", WARMUPS)
     _choice(config, "decay", DECAYS)
     _choice(config, "optimizer", OPTIMIZERS)
+    if "lars_trust_ratio" in config:
+        from lbsgd.optim import TRUST_RATIOS
+
+        _choice(config, "lars_trust_ratio", TRUST_RATIOS)
+    if config.get("dtype") == "float16":
+        raise ConfigError(
+            "config.dtype='float16' needs loss scaling, which lbsgd does not do; use --config.dtype=bfloat16 "
+            "(float32's range at half the bytes) or float32"
+        )
     _choice(config, "dtype", DTYPES)
+    from lbsgd.train import NONFINITE_POLICIES
+
+    if "on_nonfinite" in config:
+        _choice(config, "on_nonfinite", NONFINITE_POLICIES)
     _choice(config, "augment", AUGMENTATIONS)
     _choice(config, "model", tuple(resnet.ARCHITECTURES))
-    if config.get("warmup_epochs", 0) < 0:
-        raise ConfigError(f"config.warmup_epochs={config.warmup_epochs!r} must be >= 0")
 
 
 def check_layout(config, num_devices_available: int, num_processes: int = 1) -> None:

@@ -4,13 +4,27 @@ XLA reads XLA_FLAGS once, when JAX initialises its backends, so the flag
 asking for 8 simulated CPU devices must be set here, at conftest import time,
 before any test module imports jax; the multi-worker tests (shard_map over
 meshes of 1..8 devices) need them. setdefault keeps a caller's own flags.
+
+JAX's persistent compilation cache is pointed at one temporary directory for the whole session
+(and, through the environment, for every ``python -m lbsgd.main`` the tests start): the suite
+compiles the same few programs many times (every rerun of a killed run, every process of a
+multi-process run), and a cached executable is the same machine code, so no result changes.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # as lbsgd.main sets it: same preprocessing bits
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="lbsgd-test-jax-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_module, tiny_config
-from lbsgd import train
+from lbsgd import checkpoint, train
 
 STEPS = 6
 TINY_ARGS = [
@@ -33,7 +33,7 @@ def _flat(tree):
 def _summary(workdir):
     with open(os.path.join(workdir, "results.json")) as f:
         results = json.load(f)
-    ckpt = train.load_checkpoint(str(workdir))
+    ckpt = checkpoint.load(str(workdir))
     return results, _flat((ckpt["params"], ckpt["batch_stats"], ckpt.get("extra", {})))
 
 
@@ -238,3 +238,108 @@ def test_launcher_port_taken_is_a_clear_error(tmp_path):
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and f"port {port}" in lines[0] and "in use" in lines[0]
+
+
+def _start_two(tmp_path, data_dir, extra, port):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONUNBUFFERED="1")
+    args = [
+        *TINY_ARGS,
+        f"--workdir={tmp_path}",
+        f"--config.data_dir={data_dir}",
+        *extra,
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+    ]
+    errs = [tmp_path / f"stderr{i}.txt" for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "lbsgd.main", *args, f"--process_id={i}"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(errs[i], "w"),
+            start_new_session=True,
+        )
+        for i in range(2)
+    ]
+    return procs, errs
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_rerun_resumes(tmp_path, data_dir):
+    """Preemption of one host: JAX's preemption sync point (CheckpointManager.reached_preemption) makes both
+    processes checkpoint the same step and stop; the same command resumes."""
+    extra = ["--config.num_epochs=2", "--config.checkpoint_every_steps=1000", "--config.log_every_steps=2"]
+    procs, errs = _start_two(tmp_path, data_dir, extra, _free_port())
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and all(p.poll() is None for p in procs) and "train_loss" not in errs[0].read_text():
+            time.sleep(0.05)
+        assert all(p.poll() is None for p in procs), "a process ended before it could be preempted"
+        procs[1].send_signal(signal.SIGTERM)  # the host of process 1 is being preempted
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    texts = [e.read_text() for e in errs]
+    stops = [[ln for ln in t.splitlines() if ln.startswith("lbsgd:")] for t in texts]
+    assert codes == [128 + signal.SIGTERM] * 2, (codes, [t[-1500:] for t in texts])
+    assert all(len(s) == 1 and "stopped by SIGTERM after step" in s[0] for s in stops), stops
+    steps = [int(s[-1].split("after step ")[1].split(";")[0]) for s in stops]
+    assert steps[0] == steps[1] and 0 < steps[0] < 2 * (1437 // 32), stops
+    assert checkpoint.steps(str(tmp_path))[-1] == steps[0]  # saved at the stop, off the 1000-step schedule
+    rerun = _launch(
+        ["--num_processes=2", "--devices_per_process=4", "--", *TINY_ARGS, f"--workdir={tmp_path}",
+         f"--config.data_dir={data_dir}", *extra]
+    )
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-2000:]
+    assert f"resumed from checkpoint at step {steps[0]}" in rerun.stdout
+    with open(tmp_path / "results.json") as f:
+        assert json.load(f)["steps"] == 2 * (1437 // 32)
+
+
+def _pids_with(*needles):
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read().decode(errors="replace")
+            except OSError:
+                continue
+            if all(n in cmd for n in needles):
+                found.append(int(pid))
+    return found
+
+
+def test_launcher_stops_a_still_running_peer_when_another_process_dies(tmp_path):
+    """Process 1 dies before joining; process 0 would wait for it up to --init_timeout_s (120 s): the launcher
+    stops it at once instead and names the failed process."""
+    marker = f"--workdir={tmp_path}"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "lbsgd.launch", "--num_processes=2", "--devices_per_process=4", "--",
+         *TINY_ARGS, marker],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not (_pids_with(marker, "--process_id=1") and _pids_with(marker, "--process_id=0")):
+            time.sleep(0.05)
+        victims = _pids_with(marker, "--process_id=1")
+        assert victims, "process 1 never started"
+        t_kill = time.time()
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        _, err = launcher.communicate(timeout=60)
+        waited = time.time() - t_kill
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode != 0
+    assert "process 1 exited with status" in err and "stopping the others" in err, err[-2000:]
+    assert waited < 30, f"the launcher took {waited:.0f} s to stop process 0"
+    time.sleep(0.5)
+    assert not _pids_with(marker, "--process_id=0"), "process 0 is still running"

@@ -471,6 +471,134 @@ def test_lars_step_size_ignores_gradient_scale():
     np.testing.assert_allclose(1000.0 * small["Dense_0"]["bias"], big["Dense_0"]["bias"])
 
 
+# A small pytree with two decayed layers (a dense and a conv kernel) and three
+# undecayed leaves; the trust-ratio mask is written out by hand, not taken from
+# weight_decay_mask.
+_LARS_LAYERS = {
+    ("Dense_0", "kernel"): (3, 2),
+    ("Dense_0", "bias"): (2,),
+    ("Conv_0", "kernel"): (3, 3, 1, 2),
+    ("BatchNorm_0", "scale"): (2,),
+    ("BatchNorm_0", "bias"): (2,),
+}
+_LARS_DECAYED = {("Dense_0", "kernel"), ("Conv_0", "kernel")}
+_LARS_RATES = [1.0, 2.0, 2.0, 0.5, 0.5]  # rate changes exercise Remark 2 inside lars
+
+
+def _lars_problem():
+    """Initial params and per-step gradient noise; the gradient 0.5 w + c_t depends on the params."""
+    rng = np.random.default_rng(7)
+    params = {key: rng.normal(size=shape) for key, shape in _LARS_LAYERS.items()}
+    noise = [{key: rng.normal(size=shape) for key, shape in _LARS_LAYERS.items()} for _ in _LARS_RATES]
+    return params, noise
+
+
+def _nest(flat):
+    out = {}
+    for (layer, name), value in flat.items():
+        out.setdefault(layer, {})[name] = value
+    return out
+
+
+def _lars_run(tx):
+    """Parameters after each step of ``tx`` on the toy problem (float32, through optax)."""
+    flat, noise = _lars_problem()
+    params = _nest({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()})
+    state = tx.init(params)
+    out = []
+    for c in noise:
+        c = _nest({k: jnp.asarray(v, jnp.float32) for k, v in c.items()})
+        grads = jax.tree.map(lambda w, c_: 0.5 * w + c_, params, c)
+        upd, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, upd)
+        out.append({key: np.asarray(params[key[0]][key[1]], np.float64) for key in _LARS_LAYERS})
+    return out
+
+
+def _lars_numpy(form, lam, tc, m):
+    """The same run by hand in float64: Algorithm 1 with the chosen trust-ratio denominator."""
+    w, noise = _lars_problem()
+    v = {key: np.zeros(shape) for key, shape in _LARS_LAYERS.items()}
+    out, prev = [], None
+    for eta, c in zip(_LARS_RATES, noise):
+        ratio_m = 1.0 if prev is None else eta / prev  # Remark 2 correction (1 before the first step)
+        new_w = {}
+        for key in _LARS_LAYERS:
+            g = 0.5 * w[key] + c[key]
+            if key in _LARS_DECAYED:
+                d = g + lam * w[key]
+                if form == "paper":
+                    denominator = np.linalg.norm(g) + lam * np.linalg.norm(w[key])
+                else:
+                    denominator = np.linalg.norm(d)
+                d = tc * np.linalg.norm(w[key]) / denominator * d
+            else:
+                d = g  # biases, BN gamma/beta: plain momentum SGD
+            v[key] = m * ratio_m * v[key] + eta * d
+            new_w[key] = w[key] - v[key]
+        w, prev = new_w, eta
+        out.append(dict(w))
+    return out
+
+
+def _lars_tx(form, lam, tc, m):
+    rates = jnp.asarray(_LARS_RATES, jnp.float32)
+    return optim.lars(lambda count: rates[count], momentum=m, weight_decay=lam, trust_coefficient=tc, trust_ratio=form)
+
+
+@pytest.mark.parametrize("form", ["optax", "paper"])
+def test_lars_trust_ratio_forms_by_hand_over_steps(form):
+    """Five steps of lars (momentum, rate changes, masked leaves) against a float64 numpy Algorithm 1.
+
+    'paper': ratio = tc ||w|| / (||g|| + lambda ||w||) (You et al. eq. 6); 'optax': tc ||w|| / ||g + lambda w||.
+    """
+    lam, tc, m = 0.3, 0.05, 0.9
+    got = _lars_run(_lars_tx(form, lam, tc, m))
+    want = _lars_numpy(form, lam, tc, m)
+    for t, (p, q) in enumerate(zip(got, want)):
+        for key in _LARS_LAYERS:
+            np.testing.assert_allclose(p[key], q[key], rtol=1e-5, atol=1e-6, err_msg=f"step {t} {key}")
+
+
+def test_lars_paper_and_optax_forms_differ_only_with_weight_decay():
+    tc, m = 0.05, 0.9
+    w0, _ = _lars_problem()
+    # lambda > 0: the kernels follow different paths; the paper's first step is never the longer one
+    # (||g|| + lambda ||w|| >= ||g + lambda w||, triangle inequality) and is strictly shorter here.
+    paper, by_optax = _lars_run(_lars_tx("paper", 0.3, tc, m)), _lars_run(_lars_tx("optax", 0.3, tc, m))
+    for key in _LARS_DECAYED:
+        step_paper, step_optax = np.linalg.norm(paper[0][key] - w0[key]), np.linalg.norm(by_optax[0][key] - w0[key])
+        assert step_paper < 0.99 * step_optax, key
+        for t in range(len(_LARS_RATES)):
+            assert np.linalg.norm(paper[t][key] - by_optax[t][key]) > 1e-3 * np.linalg.norm(by_optax[t][key] - w0[key])
+    for key in set(_LARS_LAYERS) - _LARS_DECAYED:  # unscaled leaves: the same plain SGD either way
+        np.testing.assert_allclose(paper[-1][key], by_optax[-1][key], rtol=1e-6)
+    # lambda = 0: both ratios are tc ||w|| / ||g||, the same run.
+    paper, by_optax = _lars_run(_lars_tx("paper", 0.0, tc, m)), _lars_run(_lars_tx("optax", 0.0, tc, m))
+    for p, q in zip(paper, by_optax):
+        for key in _LARS_LAYERS:
+            np.testing.assert_allclose(p[key], q[key], rtol=1e-6, atol=1e-7)
+
+
+def test_paper_trust_ratio_degenerate_cases():
+    """||w|| = 0: ratio 1, the step is just g (as optax's); g = 0: ratio tc ||w|| / (lambda ||w||) = tc / lambda."""
+    tx = optim.scale_by_paper_trust_ratio(weight_decay=0.1, trust_coefficient=0.01)
+    params = {"zero": jnp.zeros(3), "w": jnp.array([3.0, 4.0])}
+    grads = {"zero": jnp.array([1.0, -2.0, 0.5]), "w": jnp.array([0.0, 0.0])}
+    upd, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(upd["zero"], [1.0, -2.0, 0.5])
+    # g = 0: ratio = 0.01 * 5 / (0 + 0.1 * 5) = 0.1, d = 0.1 * (0.1 w)
+    np.testing.assert_allclose(upd["w"], 0.1 * 0.1 * np.array([3.0, 4.0]), rtol=1e-6)
+    with pytest.raises(ValueError, match="params"):
+        tx.update(grads, tx.init(params))
+
+
+def test_lars_unknown_trust_ratio():
+    with pytest.raises(ValueError, match="trust_ratio") as info:
+        optim.lars(0.1, trust_ratio="you")
+    assert "'optax', 'paper'" in str(info.value) and "\n" not in str(info.value)
+
+
 # ---------------------------------------------------------------------------
 # from_config
 # ---------------------------------------------------------------------------
@@ -564,12 +692,34 @@ def test_from_config_lars():
     assert float(jnp.linalg.norm(upd["Dense_0"]["kernel"])) == pytest.approx(3.2 * 0.01 * math.sqrt(14.25), rel=1e-5)
 
 
+@pytest.mark.parametrize("trust_ratio", [None, "optax", "paper"])
+def test_from_config_lars_trust_ratio(trust_ratio):
+    """config.lars_trust_ratio picks the denominator (default 'optax'); first kernel step by hand, lambda = 0.05."""
+    overrides = dict(optimizer="lars", warmup="none", weight_decay=0.05, nesterov=False, trust_coefficient=0.01)
+    if trust_ratio is not None:
+        overrides["lars_trust_ratio"] = trust_ratio
+    tx, _ = optim.from_config(_imagenet_config(**overrides), SPE)
+    params, grads = _layered()
+    upd = _first_update(tx, params, grads)
+    w = np.asarray(params["Dense_0"]["kernel"], np.float64)
+    g = np.asarray(grads["Dense_0"]["kernel"], np.float64)
+    d = g + 0.05 * w
+    if trust_ratio == "paper":
+        denominator = np.linalg.norm(g) + 0.05 * np.linalg.norm(w)
+    else:
+        denominator = np.linalg.norm(d)
+    expected = -3.2 * 0.01 * np.linalg.norm(w) / denominator * d
+    np.testing.assert_allclose(upd["Dense_0"]["kernel"], expected, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(upd["Dense_0"]["bias"], -3.2 * np.asarray(grads["Dense_0"]["bias"]), rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     "overrides,field",
     [
         ({"optimizer": "adam"}, "config.optimizer"),
         ({"warmup": "linear"}, "config.warmup"),
         ({"decay": "poly"}, "config.decay"),
+        ({"optimizer": "lars", "lars_trust_ratio": "you"}, "config.lars_trust_ratio"),
     ],
 )
 def test_from_config_unknown_names(overrides, field):

@@ -52,7 +52,7 @@ def _split(paths: list[str], labels: list[int]) -> pipeline.Split:
     def read(i):
         return tf.io.read_file(tf.gather(path_table, i)), tf.gather(label_table, i)
 
-    return pipeline.Split(num_examples=len(paths), read=read)
+    return pipeline.Split(num_examples=len(paths), read=read, describe=lambda i: paths[i])
 
 
 def load(path: str) -> pipeline.Dataset:

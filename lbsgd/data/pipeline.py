@@ -35,10 +35,46 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """A random-access split: ``read(int64 index) -> (encoded image: tf.string, label: tf.int64)``."""
+    """A random-access split: ``read(int64 index) -> (encoded image: tf.string, label: tf.int64)``;
+    ``describe(index)`` names the example (a file path) in error messages when the split can."""
 
     num_examples: int
     read: ReadFn
+    describe: Callable[[int], str] | None = None
+
+
+def _first_line(error: Exception) -> str:
+    text = getattr(error, "message", None) or str(error)
+    return " ".join(text.strip().splitlines()[0].split()) if text.strip() else type(error).__name__
+
+
+def _undecodable(split: Split, indices, dataset_name: str, error: Exception) -> str:
+    """One line naming the example of ``indices`` that cannot be decoded (or the error, if none is found)."""
+    decode = lambda j: tf.io.decode_image(split.read(j)[0], expand_animations=False)  # noqa: E731
+    for i in indices:
+        try:  # through tf.data, as training reads it (eager TF would print its start-up notices)
+            for _ in tf.data.Dataset.from_tensors(tf.constant(int(i), tf.int64)).map(decode).as_numpy_iterator():
+                pass
+        except tf.errors.OpError:
+            what = split.describe(int(i)) if split.describe else f"example {int(i)}"
+            return f"{what} of {dataset_name} cannot be decoded as an image; replace or remove it"
+    return f"reading {dataset_name} failed: {_first_line(error)}; check that its files are intact images"
+
+
+def _checked(iterator, split: Split, dataset_name: str, indices_of: Callable[[int], np.ndarray]):
+    """Yield ``iterator``'s batches; a tf.data failure becomes a one-line ``DataError`` naming the file.
+
+    ``indices_of(j)`` gives the split indices of the j-th batch (the one that failed)."""
+    j = 0
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except tf.errors.OpError as e:
+            raise DataError(_undecodable(split, indices_of(j), dataset_name, e)) from None
+        yield batch
+        j += 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +128,11 @@ def load(name: str, data_dir: str = "") -> Dataset:
         try:
             b = tfds.builder(tfds_name, data_dir=data_dir)
         except Exception as e:  # noqa: BLE001
-            raise DataError(f"unknown TFDS dataset {tfds_name!r} ({e})") from e
+            reason = _first_line(e).split(" Available datasets")[0]
+            raise DataError(
+                f"unknown TFDS dataset {tfds_name!r} ({reason}); check the name against tfds.list_builders() "
+                f"and --config.data_dir"
+            ) from e
         if not b.is_prepared():
             raise DataError(
                 f"TFDS dataset {tfds_name!r} is not prepared in {b.data_dir!r}; prepare it with "
@@ -168,7 +208,12 @@ def train_iterator(
 
     ds = ds.map(load_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(m * n, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(_options())
-    return ds.as_numpy_iterator()
+
+    def indices_of(j):
+        epoch, s = divmod(start_step + j, spe)
+        return order.worker_batches(split.num_examples, k, n, seed, epoch)[s, first_worker : first_worker + m].reshape(-1)
+
+    return _checked(ds.as_numpy_iterator(), split, dataset.name, indices_of)
 
 
 def eval_iterator(
@@ -192,4 +237,5 @@ def eval_iterator(
     ds = tf.data.Dataset.from_tensor_slices((idx, mask))
     ds = ds.map(load_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(num_local_slots, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(_options())
-    return ds.as_numpy_iterator()
+    indices_of = lambda j: idx[j * num_local_slots : (j + 1) * num_local_slots]  # noqa: E731
+    return _checked(ds.as_numpy_iterator(), split, dataset.name, indices_of)
