@@ -40,7 +40,7 @@ def get_config():
     # async_ps: gradients up to `staleness` server steps old; pulls 'fixed' (staggered) or 'random'.
     c.async_ps = ml_collections.ConfigDict({"staleness": 0, "delay": "fixed"})
     # Model.
-    c.model = "resnet20"
+    c.model = "resnet8"  # 3 residual blocks: >= 98.5 % in 20 epochs (99.17-99.44 % over seeds 0-2)
     c.model_width = 16
     c.dtype = "float32"
     c.label_smoothing = 0.0
@@ -58,7 +58,7 @@ def get_config():
     c.nesterov = True
     c.weight_decay = 5e-4
     c.momentum_correction = True
-    c.num_epochs = 40
+    c.num_epochs = 20
     # Bookkeeping.
     c.seed = 0
     c.eval_batch_size = 128  # examples per eval step over all devices
@@ -66,6 +66,7 @@ def get_config():
     c.eval_every_epochs = 10
     c.checkpoint_every_steps = 200
     c.max_steps = -1  # >0: stop early after this many steps (smoke tests)
+    c.target_accuracy = 0.0  # >0: results.json's seconds_to_target = time to the first eval reaching it
     # A NaN/inf loss or gradient: 'stop' (exit 3, nothing non-finite saved) or 'skip' the update and
     # stop after max_consecutive_nonfinite skipped steps in a row.
     c.on_nonfinite = "stop"

@@ -132,13 +132,18 @@ def restore_latest(mngr, workdir: str, abstract_state, is_chief: bool = True, ba
         # A checkpointer of its own per attempt: a damaged step must not leave state behind that makes
         # the next (intact) one fail too (a manager that met a step without its item does).
         path = os.path.join(checkpoint_dir(workdir), str(step), ITEM)
-        try:
-            with _quiet_failures(), ocp.StandardCheckpointer() as reader:
-                state = reader.restore(path, abstract_state)
-            restored = step
+        errors = []
+        for _attempt in range(2):  # a second try, so a passing hiccup never condemns an intact checkpoint
+            try:
+                with _quiet_failures(), ocp.StandardCheckpointer() as reader:
+                    state = reader.restore(path, abstract_state)
+                restored = step
+                break
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: orbax/tensorstore/json errors
+                errors.append(e)
+        if restored is not None:
             break
-        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: orbax/tensorstore/json errors
-            damaged.append((step, _reason(e)))
+        damaged.append((step, _reason(errors[-1])))
     if damaged:
         if barrier is not None:
             barrier()
@@ -159,10 +164,9 @@ def restore_latest(mngr, workdir: str, abstract_state, is_chief: bool = True, ba
                 f"{os.path.join(os.path.abspath(workdir), 'checkpoints_damaged')}; use a new --workdir to start fresh"
             )
         log.warning(
-            "checkpoint step %s is damaged (%s) and was moved to checkpoints_damaged/; resuming from step %d, "
-            "the newest intact checkpoint",
-            " and ".join(str(s) for s, _ in damaged),
-            damaged[0][1],
+            "checkpoint %s damaged and moved to checkpoints_damaged/; resuming from step %d, the newest intact "
+            "checkpoint",
+            " and ".join(f"step {s} ({why})" for s, why in damaged) + (" is" if len(damaged) == 1 else " are"),
             restored,
         )
     return state

@@ -482,6 +482,7 @@ class Run:
     is_chief: bool
     accumulation: int
     t_start: float
+    target_reached_s: float | None = None  # seconds from t_start to the first eval >= config.target_accuracy
 
     @property
     def checkpoint_dir(self) -> str:
@@ -599,14 +600,19 @@ class LoopResult:
     state: TrainState
     last_metrics: dict | None
     eval_metrics: dict | None
-    train_time: float
+    train_time: float  # from the end of the first step (which includes compilation) to the end
     timed_steps: int
+    startup_s: float = 0.0  # from the start of ``setup`` to the first step's dispatch
+    compile_s: float = 0.0  # the first step: compilation (or a cache load) and one step
 
 
 def evaluate_run(run: Run, eval_step, consensus_fn, state, step: int) -> dict[str, float]:
     """Evaluate, add the consensus distance, write them at ``step`` and log one line."""
     metrics = evaluate(eval_step, state, run.dataset, run.layout, run.config)
     metrics["consensus_distance"] = float(jax.device_get(consensus_fn(state)))
+    target = run.config.get("target_accuracy", 0.0)
+    if target and run.target_reached_s is None and metrics["eval_accuracy"] >= target:
+        run.target_reached_s = time.time() - run.t_start
     for name in run.strategy.extra_eval_models:
         other = evaluate(eval_step, state, run.dataset, run.layout, run.config, model_name=name)
         metrics.update({f"{key}_{name}": value for key, value in other.items() if key != "eval_examples"})
@@ -668,6 +674,7 @@ def train_loop(run: Run, state: TrainState, mngr, train_step, eval_step, consens
     stop = _StopOnSignal(enabled=lay.num_processes == 1)
     last_saved = start_step
     pending = []  # (step, non-finite flag) not yet looked at
+    t_first = time.time()
     try:
         for step in range(start_step, total_steps):
             b = global_batch(lay, next(batches))
@@ -714,7 +721,8 @@ def train_loop(run: Run, state: TrainState, mngr, train_step, eval_step, consens
             bar.close()
         writer.flush()
     train_time = (time.time() - t_train) if t_train is not None else 0.0
-    return LoopResult(state, last_metrics, eval_metrics, train_time, timed_steps)
+    compile_s = (t_train - t_first) if t_train is not None else 0.0
+    return LoopResult(state, last_metrics, eval_metrics, train_time, timed_steps, t_first - run.t_start, compile_s)
 
 
 def write_results(run: Run, result: LoopResult, eval_step, consensus_fn) -> dict[str, Any]:
@@ -757,6 +765,10 @@ def write_results(run: Run, result: LoopResult, eval_step, consensus_fn) -> dict
         "num_params": num_parameters(state, run.strategy),
         "nonfinite_steps_skipped": int(jax.device_get(state.nonfinite)[0]),
         "wall_time_s": time.time() - run.t_start,
+        "startup_s": result.startup_s,
+        "compile_s": result.compile_s,
+        "train_s": result.train_time,
+        "seconds_to_target": run.target_reached_s,  # null: no target set, or not reached
         "images_per_second": (result.timed_steps * kn / result.train_time) if result.train_time > 0 else 0.0,
         "backend": jax.default_backend(),
     }

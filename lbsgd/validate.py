@@ -73,6 +73,7 @@ def check_config(config) -> None:
     _in_range(config, "momentum", 0.0, 1.0, high_open=True)
     _in_range(config, "weight_decay", 0.0, 1.0)
     _in_range(config, "label_smoothing", 0.0, 1.0, high_open=True)
+    _in_range(config, "target_accuracy", 0.0, 1.0)
     _in_range(config, "warmup_epochs", 0.0, float("inf"), high_open=True)
     _positive(config, "bucket_mb", (int, float))
     if not isinstance(config.get("num_devices"), int) or config.num_devices < 0:

@@ -87,7 +87,8 @@ def test_damaged_latest_falls_back_to_the_newest_intact_one(tmp_path, caplog, ca
     np.testing.assert_array_equal(state["w"], np.arange(600.0) * 4)  # step 4's values, exactly
     np.testing.assert_array_equal(state["b"]["c"], np.full((20, 20), 4.0))
     warnings = [r.getMessage() for r in caplog.records if r.name == "lbsgd"]
-    assert len(warnings) == 1 and "step 6 is damaged" in warnings[0] and "resuming from step 4" in warnings[0]
+    assert len(warnings) == 1 and "checkpoint step 6 (" in warnings[0] and ") is damaged" in warnings[0], warnings
+    assert "resuming from step 4" in warnings[0] and "step 4 (" not in warnings[0]
     assert "Traceback" not in capfd.readouterr().err  # the libraries' noise stays off stderr
     assert checkpoint.steps(str(tmp_path)) == [2, 4]  # moved aside, so step 6 can be saved again
     assert os.path.isdir(tmp_path / "checkpoints_damaged" / "6")

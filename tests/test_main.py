@@ -330,8 +330,9 @@ def test_damaged_latest_checkpoint_falls_back_and_reaches_the_same_result(refere
     _truncate_checkpoint(work, kept[-1])
     rerun = _short_run(work, data_dir)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    warnings = [ln for ln in rerun.stderr.splitlines() if "is damaged" in ln]
-    assert len(warnings) == 1 and f"step {kept[-1]} is damaged" in warnings[0], rerun.stderr[-3000:]
+    warnings = [ln for ln in rerun.stderr.splitlines() if "damaged and moved" in ln]
+    assert len(warnings) == 1 and f"checkpoint step {kept[-1]} (" in warnings[0], warnings
+    assert ") is damaged" in warnings[0] and f"step {kept[-2]} (" not in warnings[0], warnings
     assert f"resuming from step {kept[-2]}" in warnings[0] and "Traceback" not in rerun.stderr
     got = _read(work / "results.json")
     for field in ("eval_accuracy", "eval_loss", "train_loss", "steps"):  # retrained from the older one: same run

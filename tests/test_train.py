@@ -9,6 +9,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from conftest import tiny_config
 from lbsgd import optim, strategies, train
 from lbsgd.parallel import layout as layout_lib
 
@@ -429,3 +430,30 @@ def test_bfloat16_train_steps_close_to_float32():
 )
 def test_resolve_accumulation(m, n, acc, limit, want):
     assert train.resolve_accumulation(m, n, acc, limit) == want
+
+
+def test_train_step_compiles_once_across_logging_evaluation_checkpoints_and_resume(data_dir, tmp_path, monkeypatch):
+    """No waste: one executable per shape for the whole loop (steps, an evaluation in the middle, saves)
+    and again after a resume; the eval step compiles once per evaluation model."""
+    made = []
+
+    def recording(make):
+        def wrapper(*args, **kwargs):
+            fn = make(*args, **kwargs)
+            made.append(fn)
+            return fn
+
+        return wrapper
+
+    monkeypatch.setattr(train, "make_train_step", recording(train.make_train_step))
+    monkeypatch.setattr(train, "make_eval_step", recording(train.make_eval_step))
+    config = tiny_config(
+        data_dir, per_worker_batch_size=64, num_epochs=10, max_steps=5, checkpoint_every_steps=2, log_every_steps=1,
+        eval_every_epochs=1,
+    )
+    train.train_and_evaluate(config, str(tmp_path))  # kn = 512: 2 steps an epoch, evaluations after steps 2, 4, 5
+    config.max_steps = 8
+    train.train_and_evaluate(config, str(tmp_path))  # resumed at step 5: restored arrays, same shapes
+    train_steps, eval_steps = made[0::2], made[1::2]
+    assert [f._cache_size() for f in train_steps] == [1, 1]
+    assert [f._cache_size() for f in eval_steps] == [1, 1]

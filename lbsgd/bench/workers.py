@@ -1,7 +1,8 @@
 r"""``python -m lbsgd.bench workers``: what it costs to run m of Goyal's workers on one device.
 
 For each m, the real train step (lbsgd.train.make_train_step, goyal_sgd) runs m workers x n examples
-on one device in three ways and reports images/s (median over repeats, after compilation):
+on one device in three ways and reports images/s (median over repeats, compilation timed apart) and the
+peak device memory of the compiled step (XLA's memory analysis):
 
 * ``vmap``       all m workers in one pass, per-worker BN statistics (the default);
 * ``accumulate`` m sequential microsteps of one worker each (least memory);
@@ -13,12 +14,13 @@ Ratios are against ``one_bn`` in the same run.
 
 from __future__ import annotations
 
-import json
-import os
-import statistics
 import sys
+from typing import Sequence
 
 from lbsgd import cli
+from lbsgd.bench import common
+
+IMAGENET_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
 def _parse(argv):
@@ -34,19 +36,18 @@ def _parse(argv):
     return p.parse_args(argv)
 
 
-def _time_step(model_name, image_size, dtype, m, n, mode, repeats):
-    """Median seconds per step of m workers x n images on one device, run the way ``mode`` says."""
-    import jax.numpy as jnp
+def time_workers(model_name: str, image_size: int, dtype: str, m: int, n: int, mode: str, repeats: int) -> dict:
+    """One step of m workers x n images on one device, run the way ``mode`` says.
 
-    from lbsgd.bench_imagenet import measure_step
-    from lbsgd.models import resnet
+    Returns ``common.summarize`` of the timed steps plus ``compile_s`` and ``peak_memory_bytes``
+    (per device, XLA's memory analysis; None where the backend has none).
+    """
+    from lbsgd.bench.step import build_model, measure_step
     from lbsgd.parallel import layout as layout_lib
 
     k, n_eff, acc = (1, m * n, 1) if mode == "one_bn" else (m, n, m if mode == "accumulate" else 1)
     num_classes = 1000 if image_size >= 64 else 10
-    model = resnet.create_model(
-        model_name, num_classes=num_classes, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
-    )
+    model = build_model(model_name, num_classes=num_classes, dtype=dtype)
     result = measure_step(
         model,
         layout_lib.make_layout(k, 1),
@@ -56,17 +57,20 @@ def _time_step(model_name, image_size, dtype, m, n, mode, repeats):
         repeats=repeats,
         accumulation_steps=acc,
     )
-    return statistics.median(result["times"])
+    memory = result["memory"] or {}
+    return {
+        **common.summarize(result["times"]),
+        "compile_s": result["compile_s"],
+        "peak_memory_bytes": memory.get("peak_memory_bytes"),
+    }
 
 
-def main(argv=None) -> int:
-    """Run the benchmark; prints a table and returns 0."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; prints a table (images/s and peak MiB per mode) and returns 0."""
     args = _parse(sys.argv[1:] if argv is None else argv)
     import jax
 
-    image_size = args.image_size or (
-        224 if args.model in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152") else 32
-    )
+    image_size = args.image_size or (224 if args.model in IMAGENET_MODELS else 32)
     ms = [int(x) for x in args.workers.split(",")]
     modes = args.modes.split(",")
     dev = jax.devices()[0]
@@ -75,44 +79,48 @@ def main(argv=None) -> int:
         f"{args.dtype}, n={args.per_worker_batch_size} per worker, median of {args.repeats}"
     )
     rows = []
-    print(f"{'m':>3} {'examples':>8} " + " ".join(f"{md + ' img/s':>16}" for md in modes) + "   ratios to one_bn")
+    print(
+        f"{'m':>3} {'examples':>8} "
+        + " ".join(f"{md + ' img/s':>16}" for md in modes)
+        + " "
+        + " ".join(f"{md + ' MiB':>14}" for md in modes)
+        + "   ratios to one_bn"
+    )
     for m in ms:
         row = {"m": m, "examples": m * args.per_worker_batch_size}
         for md in modes:
-            if md == "accumulate" and m == 1:
-                row[md] = row.get("vmap")
+            if md == "accumulate" and m == 1:  # one worker: nothing to accumulate, the same program as vmap
+                for key in ("", "_peak_memory_bytes", "_step_time_median_s"):
+                    row[md + key] = row.get("vmap" + key)
                 continue
             try:
-                sec = _time_step(args.model, image_size, args.dtype, m, args.per_worker_batch_size, md, args.repeats)
-                row[md] = m * args.per_worker_batch_size / sec
+                t = time_workers(args.model, image_size, args.dtype, m, args.per_worker_batch_size, md, args.repeats)
+                row[md] = m * args.per_worker_batch_size / t["median_s"]
+                row[md + "_step_time_median_s"] = t["median_s"]
+                row[md + "_peak_memory_bytes"] = t["peak_memory_bytes"]
             except Exception as e:  # noqa: BLE001 - e.g. out of memory at large m: report and go on
-                row[md] = None
+                row[md] = row[md + "_step_time_median_s"] = row[md + "_peak_memory_bytes"] = None
                 print(f"   m={m} {md}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
         base = row.get("one_bn")
         ratios = " ".join(f"{md}={row[md] / base:.2f}" for md in modes if md != "one_bn" and row.get(md) and base)
+        mem = [row.get(md + "_peak_memory_bytes") for md in modes]
         print(
             f"{m:>3} {row['examples']:>8} "
             + " ".join(f"{row[md]:>16.1f}" if row.get(md) else f"{'-':>16}" for md in modes)
+            + " "
+            + " ".join(f"{b / (1 << 20):>14.1f}" if b else f"{'-':>14}" for b in mem)
             + f"   {ratios}"
         )
         rows.append(row)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "device": dev.device_kind,
-                    "backend": jax.default_backend(),
-                    "model": args.model,
-                    "image_size": image_size,
-                    "dtype": args.dtype,
-                    "rows": rows,
-                },
-                f,
-                indent=2,
-            )
+    common.write_json(
+        args.json,
+        {
+            "device": dev.device_kind,
+            "backend": jax.default_backend(),
+            "model": args.model,
+            "image_size": image_size,
+            "dtype": args.dtype,
+            "rows": rows,
+        },
+    )
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

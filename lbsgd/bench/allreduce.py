@@ -1,50 +1,19 @@
-"""Micro-benchmarks: ``python -m lbsgd.bench <subcommand> [flags]``.
+"""``python -m lbsgd.bench allreduce``: the allreduce algorithms of ``lbsgd.parallel.aggregators``
+(Goyal et al. 2017, §4: ring, recursive halving/doubling) against ``lax.psum``, on the first p devices.
 
-Subcommands are looked up in ``SUBCOMMANDS`` (name -> callable taking the
-remaining argv and returning an exit status, or a lazy ``"module:function"``
-string imported only when that subcommand runs, so that e.g. XLA flags can be
-set before JAX is imported). To add one, add an entry here, e.g.
-``"input": "lbsgd.data.bench:main"``, or call ``register`` at runtime.
-
-``allreduce``: times the allreduce algorithms of
-``lbsgd.parallel.aggregators`` (Goyal et al. 2017, §4) against ``lax.psum``.
+Each point: compile (timed apart), one checked call (every worker holds r+1, so every sum must be
+exactly p(p+1)/2), then ``--repeats`` timed calls; median and spread, and the ratio to psum's median.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import os
 import re
-import statistics
-import sys
-import time
-from typing import Callable, Sequence, Union
+from typing import Sequence
 
 from lbsgd import cli
-
-Command = Callable[[Sequence[str]], int]
-
-# name -> command; filled in below, after the commands are defined.
-SUBCOMMANDS: dict[str, Union[Command, str]] = {}
-
-
-def register(name: str, target: Union[Command, str]) -> None:
-    """Add a subcommand: a callable ``f(argv) -> int`` or ``"module:func"``."""
-    SUBCOMMANDS[name] = target
-
-
-def _resolve(target: Union[Command, str]) -> Command:
-    if callable(target):
-        return target
-    module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
-# --------------------------------------------------------------------------
-# allreduce
-# --------------------------------------------------------------------------
+from lbsgd.bench import common
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 DEFAULT_SIZES = "1KB,64KB,1MB,16MB,100MB"
@@ -79,7 +48,8 @@ def _device_count(text: str) -> int:
     return p
 
 
-def _fmt_size(n: int) -> str:
+def format_size(n: int) -> str:
+    """65536 -> '64KB': the largest binary unit that divides ``n`` exactly, else bytes."""
     for unit, k in (("GB", 30), ("MB", 20), ("KB", 10)):
         if n >= 1 << k and n % (1 << k) == 0:
             return f"{n >> k}{unit}"
@@ -95,16 +65,8 @@ def default_repeats(nbytes: int) -> int:
     return 3
 
 
-def _ensure_host_devices(count: int = 8) -> None:
-    """Ask XLA for ``count`` CPU devices, if JAX is not yet imported."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "jax" in sys.modules or "xla_force_host_platform_device_count" in flags:
-        return
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
-
-
-def allreduce_main(argv: Sequence[str]) -> int:
-    """``python -m lbsgd.bench allreduce``: ring / halving_doubling vs psum."""
+def main(argv: Sequence[str]) -> int:
+    """``python -m lbsgd.bench allreduce``: ring / halving_doubling vs psum; 0 if every sum was exact, else 1."""
     ap = cli.ArgumentParser(
         prog="python -m lbsgd.bench allreduce",
         description="Time allreduce algorithms (Goyal et al. §4) against lax.psum on the first p devices.",
@@ -131,7 +93,7 @@ def allreduce_main(argv: Sequence[str]) -> int:
     ap.add_argument("--json", default=None, help="write results to this path")
     args = ap.parse_args(argv)
 
-    _ensure_host_devices(8)
+    common.ensure_host_devices(8)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -146,7 +108,7 @@ def allreduce_main(argv: Sequence[str]) -> int:
     if "psum" not in methods:
         methods = ["psum"] + methods  # the baseline for the ratios
     devices = jax.devices()
-    kind = f"{devices[0].platform}: {devices[0].device_kind}"
+    kind = common.device_kind(devices[0])
     print(f"device kind: {kind}; {len(devices)} devices; host cores: {os.cpu_count()}; jax {jax.__version__}")
 
     results = []
@@ -169,26 +131,21 @@ def allreduce_main(argv: Sequence[str]) -> int:
             for method in methods:
                 fn = agg.FLAT_ALGORITHMS[method]
                 f = jax.jit(jax.shard_map(lambda v, fn=fn: fn(v, "w"), mesh=mesh, in_specs=P("w"), out_specs=P("w")))
-                t0 = time.perf_counter()
-                y = jax.block_until_ready(f(x))  # compile + warm-up
-                compile_s = time.perf_counter() - t0
+                compiled, compile_s = common.compile_timed(f, x)
+                y = jax.block_until_ready(compiled(x))  # the warm-up call, checked
                 ok = bool(jnp.all(y == expected))
                 del y
-                times = []
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    jax.block_until_ready(f(x))
-                    times.append(time.perf_counter() - t0)
-                med = statistics.median(times)
+                stats = common.summarize(
+                    common.time_calls(lambda c=compiled, v=x: jax.block_until_ready(c(v)), repeats=repeats, warmup=0)
+                )
+                med = stats["median_s"]
                 if method == "psum":
                     base = med
                 row = dict(
                     method=method,
                     p=p,
                     bytes=nbytes,
-                    repeats=repeats,
-                    median_s=med,
-                    min_s=min(times),
+                    **stats,
                     compile_s=compile_s,
                     ratio_to_psum=med / base,
                     correct=ok,
@@ -196,19 +153,16 @@ def allreduce_main(argv: Sequence[str]) -> int:
                 )
                 results.append(row)
                 print(
-                    f"p={p} size={_fmt_size(nbytes):>6} {method:<16} "
-                    f"median {med * 1e3:9.3f} ms  x{med / base:5.2f} psum"
-                    f"{'' if ok else '  WRONG RESULT'}",
+                    f"p={p} size={format_size(nbytes):>6} {method:<16} "
+                    f"median {med * 1e3:9.3f} ms (min {stats['min_s'] * 1e3:.3f}, max {stats['max_s'] * 1e3:.3f})"
+                    f"  x{med / base:5.2f} psum{'' if ok else '  WRONG RESULT'}",
                     flush=True,
                 )
             del x
 
     print()
     print(format_table(results))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(dict(device_kind=kind, results=results), fh, indent=1)
-        print(f"wrote {args.json}")
+    common.write_json(args.json, dict(device_kind=kind, results=results))
     return 0 if all(r["correct"] for r in results) else 1
 
 
@@ -220,45 +174,8 @@ def format_table(results: Sequence[dict]) -> str:
     head = ["p", "size"] + [f"{m} ms" for m in methods] + [f"{m}/psum" for m in methods if m != "psum"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" for _ in head) + "|"]
     for p, b in keys:
-        row = [str(p), _fmt_size(b)]
+        row = [str(p), format_size(b)]
         row += [f"{cell[p, b, m]['median_s'] * 1e3:.3f}" if (p, b, m) in cell else "" for m in methods]
         row += [f"{cell[p, b, m]['ratio_to_psum']:.2f}" if (p, b, m) in cell else "" for m in methods if m != "psum"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
-
-
-SUBCOMMANDS.update(
-    {
-        "allreduce": allreduce_main,
-        "input": "lbsgd.bench_imagenet:input_main",
-        "step": "lbsgd.bench_imagenet:step_main",
-        "workers": "lbsgd.bench_workers:main",
-        # Others add lazy entries here, e.g. "name": "module:function".
-    }
-)
-
-
-# --------------------------------------------------------------------------
-# entry point
-# --------------------------------------------------------------------------
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Dispatch ``python -m lbsgd.bench <subcommand> [flags]``; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    valid = ", ".join(sorted(SUBCOMMANDS))
-    if argv and argv[0] in ("-h", "--help"):
-        print(f"usage: python -m lbsgd.bench <subcommand> [flags]\nsubcommands: {valid}")
-        return 0
-    if not argv:
-        sys.stderr.write(f"python -m lbsgd.bench: error: missing subcommand; valid: {valid}\n")
-        return 2
-    name, rest = argv[0], argv[1:]
-    if name not in SUBCOMMANDS:
-        sys.stderr.write(f"python -m lbsgd.bench: error: unknown subcommand {name!r}; valid: {valid}\n")
-        return 2
-    return int(_resolve(SUBCOMMANDS[name])(rest) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,8 @@
+"""``python -m lbsgd.bench <subcommand> [flags]``: see ``lbsgd.bench``."""
+
+import sys
+
+from lbsgd.bench import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Shared by every ``python -m lbsgd.bench`` subcommand: one JSON writer, host facts, timing and FLOP helpers.
+
+Timing convention (every subcommand): a program is compiled ahead of time and that time is reported on
+its own (``compile_s``); then ``warmup`` untimed calls, then ``repeats`` timed calls, each waited for
+(never two steps in flight: the CPU collectives hazard). ``summarize`` turns the timed calls into the
+median and the spread (min, max, quartiles, IQR).
+
+Nothing here imports JAX at module import time, so a subcommand can still ask XLA for simulated CPU
+devices (``ensure_host_devices``) before JAX starts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+
+def write_json(path: str | None, result: dict) -> None:
+    """Write ``result`` as indented JSON to ``path`` (parent folders created) and say so; no-op without a path."""
+    if not path:
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    print(f"wrote {path}")
+
+
+def host_cores() -> int:
+    """CPU cores this process may run on (the affinity mask on Linux, else ``os.cpu_count()``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def ensure_host_devices(count: int = 8) -> None:
+    """Ask XLA for ``count`` simulated CPU devices, if JAX is not yet imported and no count is set.
+
+    Only CPU runs see the flag; it must be set before JAX initialises its backends.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "jax" in sys.modules or "xla_force_host_platform_device_count" in flags:
+        return
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+
+
+def device_kind(device) -> str:
+    """``'platform: kind'`` of a JAX device, e.g. ``'gpu: NVIDIA H100 80GB HBM3'`` or ``'cpu: cpu'``."""
+    return f"{device.platform}: {device.device_kind}"
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) with linear interpolation between order statistics (numpy's default)."""
+    if not values:
+        raise ValueError("percentile of no values")
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile q={q} is outside [0, 100]")
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summarize(times: Sequence[float]) -> dict[str, Any]:
+    """Median and spread of timed repeats (seconds): median, min, max, 25th/75th percentiles, IQR, count."""
+    if not times:
+        raise ValueError("no timed repeats")
+    q25, q75 = percentile(times, 25), percentile(times, 75)
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "q25_s": q25,
+        "q75_s": q75,
+        "iqr_s": q75 - q25,
+        "repeats": len(times),
+    }
+
+
+def compile_timed(jitted: Callable, *args) -> tuple[Any, float]:
+    """Lower and compile a jitted (or pmapped) function for ``args`` ahead of time: ``(compiled, seconds)``."""
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def time_calls(call: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``call()`` after ``warmup`` untimed ones.
+
+    ``call`` must run one step and wait for its result (``jax.block_until_ready``) before returning.
+    """
+    for _ in range(max(warmup, 0)):
+        call()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def flops_per_second(flops: float, seconds: float) -> float:
+    """FLOP rate of ``flops`` done in ``seconds``."""
+    return flops / seconds
+
+
+def mfu(achieved_flops_per_s: float, peak_flops_per_s: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the peak FLOP/s of the same devices."""
+    return achieved_flops_per_s / peak_flops_per_s
+
+
+def memory_analysis(compiled) -> dict[str, int] | None:
+    """Per-device bytes from XLA's memory analysis of a compiled program, or None where it has none.
+
+    ``peak_memory_bytes`` = arguments + outputs + temporaries - aliased (donated inputs whose buffers the
+    outputs reuse are counted once): the memory the program needs on one device while it runs.
+    """
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - some backends/versions do not implement it
+        return None
+    if m is None:
+        return None
+    out = {
+        "argument_bytes": int(m.argument_size_in_bytes),
+        "output_bytes": int(m.output_size_in_bytes),
+        "temp_bytes": int(m.temp_size_in_bytes),
+        "alias_bytes": int(m.alias_size_in_bytes),
+        "generated_code_bytes": int(m.generated_code_size_in_bytes),
+    }
+    out["peak_memory_bytes"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
+    return out
+
+
+def xla_flops(compiled) -> float | None:
+    """FLOPs of a compiled program by XLA's cost analysis (per device), or None where it reports none.
+
+    On GPU it misses convolutions handed to cuDNN; the step benchmark reports it next to its own count.
+    """
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops is not None and flops >= 0 else None
+
+
+def default_peak_size(platform: str) -> tuple[int, int]:
+    """(matrix size, chained matmuls per timed call) for ``measure_peak_flops`` on a platform."""
+    if platform == "cpu":
+        return 512, 4  # ~1 GFLOP per device: well under a second even on a loaded 2-core host
+    return 8192, 16  # ~17.6 TFLOP per device: ~25 ms on an H100 in bfloat16, launch overhead negligible
+
+
+def measure_peak_flops(devices: Sequence, dtype: str, *, size: int = 0, iters: int = 0, repeats: int = 3) -> dict:
+    """Measure the peak matmul FLOP/s of ``devices`` together, in ``dtype``, in this process.
+
+    Every device runs ``iters`` chained ``size`` x ``size`` matrix products (x <- x @ b, so none can be
+    skipped) at once (``shard_map`` over the devices, the step's own default precision); the best of
+    ``repeats`` timed calls after one warm-up gives ``peak_flops_per_s`` = d x iters x 2 size^3 / seconds.
+    Where several "devices" share cores (simulated CPU devices) this is the peak they reach together.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    devices = list(devices)
+    d = len(devices)
+    auto_size, auto_iters = default_peak_size(devices[0].platform)
+    size, iters = size or auto_size, iters or auto_iters
+    mesh = Mesh(np.array(devices), ("d",))
+    sharding = NamedSharding(mesh, P("d"))
+    dt = jnp.dtype(dtype)
+
+    def make(key):
+        ka, kb = jax.random.split(key)
+        a = jax.random.normal(ka, (d * size, size), jnp.float32).astype(dt)
+        b = (jax.random.normal(kb, (d * size, size), jnp.float32) / math.sqrt(size)).astype(dt)  # keeps |x| ~ 1
+        return a, b
+
+    a, b = jax.jit(make, out_shardings=(sharding, sharding))(jax.random.PRNGKey(0))
+
+    def chain(x, w):
+        return jax.lax.fori_loop(0, iters, lambda _, y: y @ w, x)
+
+    fn = jax.jit(jax.shard_map(chain, mesh=mesh, in_specs=(P("d"), P("d")), out_specs=P("d")))
+    compiled, _ = compile_timed(fn, a, b)
+    times = time_calls(lambda: jax.block_until_ready(compiled(a, b)), repeats=repeats, warmup=1)
+    best = min(times)
+    flops = d * iters * 2.0 * size**3
+    return {
+        "peak_flops_per_s": flops / best,
+        "peak_matmul_size": size,
+        "peak_matmul_chain": iters,
+        "peak_repeats": repeats,
+        "peak_best_s": best,
+        "peak_dtype": str(dt),
+        "peak_devices": d,
+        "peak_source": (
+            f"measured: best of {repeats} calls of {iters} chained {size}x{size} {dt} matmuls on {d} device(s)"
+        ),
+    }
