@@ -3,8 +3,9 @@ r"""Default experiment: k=8 workers x n=16 digits on a small ResNet (the README'
 Command:
   python -m lbsgd.main --config=experiments/digits.py --workdir=runs/digits
 
-Hardware: any; on a 2-core CPU it runs 8 simulated devices (one worker each) in about 2 minutes.
-Expected: >= 98.5% test accuracy on the 360 held-out scikit-learn digits.
+Hardware: any; on a 2-core CPU, one device: about 15 s of training, 35 s in all (8 simulated
+devices: about 1 minute).
+Expected: >= 98.5% test accuracy on the 360 held-out scikit-learn digits (99.17-99.44 % on seeds 0-2).
 Override anything from the command line, e.g. --config.num_workers=16 --config.num_epochs=10.
 """
 

@@ -34,17 +34,23 @@ def _saved(workdir, steps=(2, 4, 6)):
     return checkpoint.manager(str(workdir))
 
 
+def _data_files(path):
+    files = glob.glob(os.path.join(path, "default", "**", "d", "*"), recursive=True)
+    assert files
+    return files
+
+
 def _truncate(path):
-    files = sorted(glob.glob(os.path.join(path, "default", "**", "d", "*"), recursive=True), key=os.path.getsize)
-    with open(files[-1], "r+b") as f:
-        f.truncate(os.path.getsize(files[-1]) // 2)
+    for f in _data_files(path):  # every one: a single file may be an unreferenced older b-tree node
+        with open(f, "r+b") as fh:
+            fh.truncate(os.path.getsize(f) // 2)
 
 
 def _garbage(path):
-    files = sorted(glob.glob(os.path.join(path, "default", "**", "d", "*"), recursive=True), key=os.path.getsize)
-    size = os.path.getsize(files[-1])
-    with open(files[-1], "wb") as f:
-        f.write(np.random.default_rng(0).bytes(size))
+    for f in _data_files(path):
+        size = os.path.getsize(f)
+        with open(f, "wb") as fh:
+            fh.write(np.random.default_rng(0).bytes(size))
 
 
 def _bad_metadata(path):
