@@ -93,7 +93,7 @@ def save(mngr, step: int, state, force: bool = False) -> None:
 def _quiet_failures():
     """Keep a failing restore's library noise (orbax's error log, tensorstore's un-awaited coroutine
     tracebacks) off stderr: the failure is reported in one line by the caller."""
-    loggers = [logging.getLogger(name) for name in ("absl", "orbax")]
+    loggers = [logging.getLogger(name) for name in ("absl", "orbax", "asyncio")]
     levels = [lg.level for lg in loggers]
     hook = sys.unraisablehook
     for lg in loggers:
@@ -106,6 +106,42 @@ def _quiet_failures():
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
         sys.unraisablehook = hook
+
+
+def _is_closed_loop(exc) -> bool:
+    return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+
+def _drop_closed_loop_errors() -> None:
+    """After a failed read, tensorstore may still complete futures into orbax's closed asyncio loops,
+    from its own threads, later: each prints a 'RuntimeError: Event loop is closed' traceback; and the
+    read's unretrieved asyncio task errors are logged when collected. Drop exactly those (every other
+    error still reaches the previous hooks and handlers). Installed once."""
+    import threading
+
+    if getattr(sys.excepthook, "_lbsgd_quiet", False):
+        return
+    previous_sys, previous_thread, previous_unraisable = sys.excepthook, threading.excepthook, sys.unraisablehook
+
+    def sys_hook(kind, value, tb):
+        if not _is_closed_loop(value):
+            previous_sys(kind, value, tb)
+
+    def thread_hook(args):
+        if not _is_closed_loop(args.exc_value):
+            previous_thread(args)
+
+    def unraisable_hook(unraisable):
+        if not _is_closed_loop(unraisable.exc_value):
+            previous_unraisable(unraisable)
+
+    sys_hook._lbsgd_quiet = True
+    sys.excepthook, threading.excepthook, sys.unraisablehook = sys_hook, thread_hook, unraisable_hook
+    # The failed read's asyncio tasks report themselves when collected ("Task exception was never
+    # retrieved"), through the 'asyncio' logger: the read error was already reported in one line.
+    logging.getLogger("asyncio").addFilter(
+        lambda record: "exception was never retrieved" not in record.getMessage()
+    )
 
 
 def _reason(error: Exception) -> str:
@@ -144,6 +180,7 @@ def restore_latest(mngr, workdir: str, abstract_state, is_chief: bool = True, ba
         if restored is not None:
             break
         damaged.append((step, _reason(errors[-1])))
+        _drop_closed_loop_errors()
     if damaged:
         if barrier is not None:
             barrier()

@@ -42,10 +42,21 @@ def quiet_native_logs() -> None:
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
-def fail(message: str) -> None:
-    """Print ``lbsgd: error: <message>`` on stderr (one line) and exit with status 2."""
-    print(f"lbsgd: error: {' '.join(str(message).split())}", file=sys.stderr)
-    sys.exit(EXIT_USAGE)
+def fail(message: str, code: int = EXIT_USAGE, now: bool = False) -> None:
+    """Print ``lbsgd: error: <message>`` on stderr (one line) and exit with ``code`` (2: bad input).
+
+    ``now``: leave without interpreter teardown (``os._exit``, after flushing). Once JAX, tf.data and
+    orbax have started threads, tearing down the interpreter can print their errors ("Event loop is
+    closed" tracebacks from a failed checkpoint read) or abort in C++ ("terminate called without an
+    active exception"), which would bury the one line and change the exit status. Everything worth
+    keeping (checkpoints, events) is committed before these errors are raised.
+    """
+    print(f"lbsgd: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    if now:
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _flag_value(argv: list[str], name: str) -> str | None:
@@ -152,18 +163,17 @@ def main(argv) -> None:
     try:
         train.train_and_evaluate(config, FLAGS.workdir)
     except (validate.ConfigError, pipeline.DataError, checkpoint.CheckpointError) as e:
-        fail(str(e))
+        fail(str(e), now=True)
     except train.Interrupted as e:
         print(f"lbsgd: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
     except train.NonFinite as e:
-        print(
-            f"lbsgd: error: {e}; lower the learning rate or set --config.on_nonfinite=skip, then rerun the "
-            f"same command to resume from the last good checkpoint",
-            file=sys.stderr,
-            flush=True,
+        fail(
+            f"{e}; lower the learning rate or set --config.on_nonfinite=skip, then rerun the same command "
+            f"(it resumes from the last good checkpoint, or starts afresh if there is none)",
+            code=e.exit_code,
+            now=True,
         )
-        sys.exit(e.exit_code)
 
 
 def _die_with_parent() -> None:

@@ -348,7 +348,7 @@ def test_no_intact_checkpoint_is_one_line_and_exit_2(reference_run, tmp_path, da
     for step in checkpoint.steps(str(work)):
         _truncate_checkpoint(work, step)
     rerun = _short_run(work, data_dir)
-    lines = [ln for ln in rerun.stderr.splitlines() if ln.strip() and not ln.startswith(("I1", "W1"))]
+    lines = [ln for ln in rerun.stderr.splitlines() if ln.strip() and not ABSL_LOG.match(ln)]
     assert rerun.returncode == 2 and len(lines) == 1, rerun.stderr[-3000:]
     assert lines[0].startswith("lbsgd: error: no intact checkpoint") and "new --workdir" in lines[0]
 
