@@ -50,6 +50,13 @@ def get_config():
     c.lars_trust_ratio = "optax"  # lars: 'optax' (||g + wd w||) | 'paper' (||g|| + wd ||w||, You et al.)
     c.base_learning_rate = 0.4  # per base_batch_size examples
     c.base_batch_size = 256
+    # How the rate grows with kn: 'linear' (Goyal, eta * kn / 256) | 'sqrt' | 'saturating'
+    # (eta_max / (1 + b_noise / kn), McCandlish et al.; needs b_noise, or b_noise_from = a workdir or
+    # results.json of a run with noise_scale=True; lr_max = 0: eta * b_noise / 256).
+    c.lr_scaling = "linear"
+    c.b_noise = 0.0
+    c.b_noise_from = ""
+    c.lr_max = 0.0
     c.warmup = "gradual"
     c.warmup_epochs = 2
     c.decay = "cosine"
@@ -67,6 +74,10 @@ def get_config():
     c.eval_every_epochs = 10
     c.checkpoint_every_steps = 200
     c.max_steps = -1  # >0: stop early after this many steps (smoke tests)
+    # Estimate the gradient noise scale B_simple = tr(Sigma)/|G|^2 from the workers' gradients (allreduce,
+    # k >= 2; results.json noise_scale); its moving average decays by noise_scale_decay per step.
+    c.noise_scale = False
+    c.noise_scale_decay = 0.99
     c.target_accuracy = 0.0  # >0: results.json's seconds_to_target = time to the first eval reaching it
     # A NaN/inf loss or gradient: 'stop' (exit 3, nothing non-finite saved) or 'skip' the update and
     # stop after max_consecutive_nonfinite skipped steps in a row.

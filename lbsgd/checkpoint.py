@@ -47,6 +47,7 @@ STATE_FIELDS = (
     "strategy",
     "topology",
     "seed",
+    "noise_scale",
 )
 
 
@@ -252,6 +253,7 @@ def check_resume(workdir: str, config) -> dict[str, tuple[Any, Any]]:
     Raises ``CheckpointError`` (one line listing each differing state field, recorded → given, and how
     to start fresh) if a field of ``state_fields`` differs. Returns the other fields that changed,
     ``{field: (recorded, given)}`` (allowed on resume). Nothing to check without checkpoints or a record.
+    A state field missing from the record (added to lbsgd later) counts as unchanged while it is off.
     """
     path = os.path.join(workdir, CONFIG_FILE)
     if not steps(workdir):
@@ -273,7 +275,9 @@ def check_resume(workdir: str, config) -> dict[str, tuple[Any, Any]]:
         if recorded.get(key) != given.get(key)
     }
     keep = state_fields(config)
-    refused = {key: values for key, values in changed.items() if key in keep}
+    # A field the record lacks (added to lbsgd after that run) whose given value is off (False, 0, '')
+    # leaves the state as it was: not a difference.
+    refused = {key: v for key, v in changed.items() if key in keep and not (key not in recorded and not v[1])}
     if refused:
         listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in refused.items())
         raise CheckpointError(

@@ -27,17 +27,13 @@ the allreduce run with the same k (one worker's share, as if each worker had thi
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
-import math
 import os
-import subprocess
 import sys
 import time
 from typing import Sequence
 
-from lbsgd import cli, commcost
+from lbsgd import cli, commcost, runs
 
 RESNET50_PARAMS = 25_557_032  # lbsgd.models.resnet.resnet50, counted in tests/test_models.py
 
@@ -80,61 +76,17 @@ def run_dir(workdir: str, entry: Entry, k: int, seed: int) -> str:
     return os.path.join(workdir, f"{slug(entry.label)}_k{k}_seed{seed}")
 
 
-def child_env(cpu_devices: int) -> dict:
-    """The environment for a run: ``cpu_devices`` simulated CPU devices unless XLA_FLAGS already says."""
-    env = dict(os.environ)
-    flags = env.get("XLA_FLAGS", "")
-    if cpu_devices and "xla_force_host_platform_device_count" not in flags:
-        env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={cpu_devices}".strip()
-    return env
-
-
 def run_one(config: str, workdir: str, entry: Entry, k: int, seed: int, extra: Sequence[str], env: dict) -> dict:
-    """Train one run (or resume it) and return its results.json; raises RuntimeError with the error line."""
-    out = run_dir(workdir, entry, k, seed)
-    done = os.path.join(out, "results.json")
-    if not os.path.exists(done):
-        cmd = [
-            sys.executable,
-            "-m",
-            "lbsgd.main",
-            f"--config={config}",
-            f"--workdir={out}",
-            f"--config.num_workers={k}",
-            f"--config.seed={seed}",
-            *entry.args(k),
-            *extra,
-        ]
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "log.txt"), "a") as log:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.PIPE, text=True, env=env)
-            log.write(proc.stderr)
-        if proc.returncode != 0:
-            errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("lbsgd:")]
-            tail = errors[-1] if errors else (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise RuntimeError(f"{entry.label}, k={k}, seed {seed} failed ({tail}); log: {out}/log.txt")
-    with open(done) as f:
-        return json.load(f)
-
-
-def eval_history(path: str) -> list[dict]:
-    """The run's evaluations in step order (the last line per step wins: a resumed run may repeat one)."""
-    by_step = {}
-    history = os.path.join(path, "eval_history.jsonl")
-    if os.path.exists(history):
-        with open(history) as f:
-            for line in f:
-                if line.strip():
-                    row = json.loads(line)
-                    by_step[row["step"]] = row
-    return [by_step[s] for s in sorted(by_step)]
+    """Train one run (or resume it) and return its results.json; raises ``runs.RunFailed``."""
+    overrides = [f"--config.num_workers={k}", f"--config.seed={seed}", *entry.args(k), *extra]
+    return runs.run_main(config, run_dir(workdir, entry, k, seed), overrides, env, f"{entry.label}, k={k}, seed {seed}")
 
 
 def strategy_of(config_path: str, entry: Entry, k: int, num_devices: int):
     """The strategy object a run of ``entry`` builds (for its time model)."""
     from lbsgd import strategies
 
-    config = load_config(config_path)
+    config = runs.load_config(config_path)
     config.num_workers = k
     for override in entry.args(k):
         key, value = override[len("--config.") :].split("=", 1)
@@ -145,16 +97,6 @@ def strategy_of(config_path: str, entry: Entry, k: int, num_devices: int):
         current = target[leaf]
         target[leaf] = type(current)(value) if not isinstance(current, str) else value
     return strategies.from_config(config, num_devices)
-
-
-def load_config(path: str):
-    """``get_config()`` of a config file."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("lbsgd_compare_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def model_sizes(results: dict) -> dict[str, float]:
@@ -172,25 +114,6 @@ def modelled_times(strategy, results: dict, compute_s: float) -> dict[str, float
     return out
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
-    m = sum(values) / len(values)
-    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return m, s
-
-
-def write_csv(path: str, rows: list[dict]) -> None:
-    """All rows, with the union of their fields as columns."""
-    fields = []
-    for row in rows:
-        fields += [f for f in row if f not in fields]
-    with open(path + ".tmp", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(path + ".tmp", path)
-
-
 def summary_table(rows: list[dict], workers: Sequence[int]) -> str:
     """compare.md: one line per strategy and k, mean ± std over seeds."""
     lines = [
@@ -203,9 +126,9 @@ def summary_table(rows: list[dict], workers: Sequence[int]) -> str:
             sel = [r for r in rows if r["label"] == label and r["num_workers"] == k]
             if not sel:
                 continue
-            acc = mean_std([100 * r["eval_accuracy"] for r in sel])
-            cd = mean_std([r["consensus_distance"] for r in sel])
-            ips = mean_std([r["images_per_second"] for r in sel])
+            acc = runs.mean_std([100 * r["eval_accuracy"] for r in sel])
+            cd = runs.mean_std([r["consensus_distance"] for r in sel])
+            ips = runs.mean_std([r["images_per_second"] for r in sel])
             mb = sel[0]["bytes_sent_per_worker_per_step"] / 1e6
             t = {key: sel[0][f"step_s {key}"] for key in ("10GbE as-is", "10GbE ResNet-50", "IB56 as-is", "IB56 ResNet-50")}
             lines.append(
@@ -239,8 +162,8 @@ def plot(workdir: str, rows: list[dict], histories: dict, workers: Sequence[int]
 
     fig, axes = plt.subplots(1, len(workers), figsize=(6 * len(workers), 4.5), squeeze=False)
     for ax, k in zip(axes[0], workers):
-        for label, runs in curves(k).items():
-            for i, (epochs, _, errors, _) in enumerate(runs):
+        for label, seeds in curves(k).items():
+            for i, (epochs, _, errors, _) in enumerate(seeds):
                 ax.plot(epochs, errors, color=colors[label], alpha=0.9, lw=1.2, label=label if i == 0 else None)
         ax.set(title=f"k = {k} workers", xlabel="epoch", ylabel="test error (%)", yscale="log")
         ax.grid(alpha=0.3)
@@ -256,8 +179,8 @@ def plot(workdir: str, rows: list[dict], histories: dict, workers: Sequence[int]
         fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), squeeze=False)
         panels = [(net, size) for net in commcost.NETWORKS for size in ("as-is", "ResNet-50")]
         for ax, (net, size) in zip(axes.flat, panels):
-            for label, runs in curves(k).items():
-                for i, (_, steps, errors, row) in enumerate(runs):
+            for label, seeds in curves(k).items():
+                for i, (_, steps, errors, row) in enumerate(seeds):
                     seconds = [s * row[f"step_s {net} {size}"] for s in steps]
                     ax.plot(seconds, errors, color=colors[label], lw=1.2, label=label if i == 0 else None)
             gbit, lat = commcost.NETWORKS[net]
@@ -331,30 +254,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra = ["--config.eval_every_epochs=1", *[f"--config.{o}" for o in args.override]]
     if args.num_epochs:
         extra.append(f"--config.num_epochs={args.num_epochs}")
-    env = child_env(args.cpu_devices)
+    env = runs.child_env(args.cpu_devices)
     plan = [(k, seed, e) for seed in args.seed_list for k in args.worker_list for e in args.entries]  # seed-major
-    t0 = time.time()
+    progress = runs.Progress(len(plan), sum(not runs.is_done(run_dir(args.workdir, e, k, s)) for k, s, e in plan))
     rows, histories, failures = [], {}, []
-    for i, (k, seed, entry) in enumerate(plan, 1):
-        t_run = time.time()
-        path = run_dir(args.workdir, entry, k, seed)
-        cached = os.path.exists(os.path.join(path, "results.json"))
-        try:
-            results = run_one(args.config, args.workdir, entry, k, seed, extra, env)
-        except RuntimeError as e:
-            failures.append(str(e))
-            print(f"[{i}/{len(plan)}] {e}", flush=True)
-            continue
-        rows.append({"label": entry.label, "seed": seed, "run": path, **results})
-        histories[path] = eval_history(path)
-        elapsed = time.time() - t0
-        eta = elapsed / i * (len(plan) - i)
-        print(
-            f"[{i}/{len(plan)}] {entry.label}, k={k}, seed {seed}: test accuracy "
-            f"{100 * results['eval_accuracy']:.2f} % ({'already done' if cached else f'{time.time() - t_run:.0f} s'}; "
-            f"elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min)",
-            flush=True,
-        )
+    try:
+        for i, (k, seed, entry) in enumerate(plan, 1):
+            t_run = time.time()
+            path = run_dir(args.workdir, entry, k, seed)
+            cached = runs.is_done(path)
+            try:
+                results = run_one(args.config, args.workdir, entry, k, seed, extra, env)
+            except runs.RunFailed as e:
+                failures.append(str(e))
+                print(f"[{i}/{len(plan)}] {e}", flush=True)
+                continue
+            rows.append({"label": entry.label, "seed": seed, "run": path, **results})
+            histories[path] = runs.eval_history(path)
+            what = f"{entry.label}, k={k}, seed {seed}"
+            accuracy = f"test accuracy {100 * results['eval_accuracy']:.2f} %"
+            print(progress.line(i, what, accuracy, time.time() - t_run, cached), flush=True)
+    except (KeyboardInterrupt, runs.RunStopped):
+        return runs.stopped("lbsgd.compare", len(rows), len(plan))
     # Time model: compute per worker and step from the allreduce run with the same k (or --compute_ms).
     for row in rows:
         k = row["num_workers"]
@@ -371,17 +292,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             row[f"step_s {key}"] = seconds
             row[f"total_s {key}"] = seconds * row["steps"]
     if rows:
-        write_csv(os.path.join(args.workdir, "compare.csv"), rows)
+        runs.write_csv(os.path.join(args.workdir, "compare.csv"), rows)
         with open(os.path.join(args.workdir, "compare.md"), "w") as f:
             f.write(summary_table(rows, args.worker_list))
         for p in plot(args.workdir, rows, histories, args.worker_list):
             print(f"wrote {p}")
         print(f"wrote {os.path.join(args.workdir, 'compare.csv')} and compare.md ({len(rows)} runs, "
-              f"{(time.time() - t0) / 60:.1f} min)")
-    if failures:
-        print(f"lbsgd.compare: error: {len(failures)} run(s) failed; first: {failures[0]}", file=sys.stderr)
-        return 1
-    return 0
+              f"{progress.minutes:.1f} min)")
+    return runs.exit_status("lbsgd.compare", failures)
 
 
 if __name__ == "__main__":

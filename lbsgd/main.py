@@ -144,10 +144,13 @@ def main(argv) -> None:
     try:
         validate.check_config(config)
         validate.check_workdir(FLAGS.workdir)
+        b_noise = validate.resolve_b_noise(config)
     except validate.ConfigError as e:
         fail(str(e))
     logging.getLogger("lbsgd").setLevel(logging.INFO)
     quiet_logging()
+    if b_noise is not None:
+        logging.getLogger("lbsgd").info("saturating learning-rate rule with the measured noise scale B_noise = %.1f", b_noise)
     init_distributed()
 
     import jax

@@ -5,6 +5,10 @@ Notation follows the paper: k workers, n examples per worker, global minibatch
 kn, reference rate eta for a minibatch of 256.
 
   * ``linear_scaling``  -- Linear Scaling Rule (section 2.1).
+  * ``sqrt_scaling``, ``saturating_scaling``, ``scaled_learning_rate`` --
+                           the square-root rule, and a rule that levels off
+                           at eta_max beyond the gradient noise scale
+                           (McCandlish et al. 2018, eq. 2.6).
   * ``goyal_schedule``  -- gradual / constant warmup (section 2.2), then step
                            or cosine decay.
   * ``momentum_sgd``    -- momentum SGD in the eq. (10) form with the
@@ -33,6 +37,7 @@ WARMUPS = ("gradual", "constant", "none")
 DECAYS = ("step", "cosine", "none")
 OPTIMIZERS = ("goyal_sgd", "lars", "sgd")
 TRUST_RATIOS = ("optax", "paper")
+LR_SCALINGS = ("linear", "sqrt", "saturating")
 
 
 def _check_choice(field: str, value: Any, valid: Sequence[str]) -> None:
@@ -65,6 +70,63 @@ def linear_scaling(base_learning_rate: float, global_batch_size: int, base_batch
     return float(base_learning_rate) * float(global_batch_size) / float(base_batch_size)
 
 
+def sqrt_scaling(base_learning_rate: float, global_batch_size: int, base_batch_size: int = 256) -> float:
+    """Square-root scaling: ``eta * sqrt(kn / base_batch_size)`` (Krizhevsky 2014; Hoffer et al. 2017),
+    the rule that keeps the variance of the update constant as the batch grows."""
+    return float(base_learning_rate) * (float(global_batch_size) / float(base_batch_size)) ** 0.5
+
+
+def saturating_scaling(max_learning_rate: float, noise_scale: float, global_batch_size: int) -> float:
+    """A rule that saturates: ``eta_max / (1 + B_noise / B)`` for a global minibatch of B = kn examples.
+
+    McCandlish et al. 2018 ("An Empirical Model of Large-Batch Training", eq. 2.6): the best step size of
+    SGD on a batch of B examples is about eta_max / (1 + B_noise / B), where eta_max is the best step of
+    full-batch gradient descent (at most 1/L on an L-smooth loss) and B_noise, the gradient noise scale
+    (B_simple = tr(Sigma) / |G|^2), is where averaging more examples stops paying. For B << B_noise it
+    grows linearly, eta_max * B / B_noise (the Linear Scaling Rule's regime); for B >> B_noise it levels
+    off at eta_max. Same shape as the step 1 / (L + sqrt(K sigma^2 / M)) that the analysis of
+    (asynchronous) parallel SGD allows, which grows with the batch M until it reaches 1 / L.
+    """
+    if not noise_scale > 0 or not max_learning_rate > 0:
+        raise ValueError(
+            f"saturating scaling needs noise_scale > 0 and max_learning_rate > 0, got {noise_scale!r}, {max_learning_rate!r}"
+        )
+    return float(max_learning_rate) / (1.0 + float(noise_scale) / float(global_batch_size))
+
+
+def scaled_learning_rate(
+    rule: str,
+    base_learning_rate: float,
+    global_batch_size: int,
+    base_batch_size: int = 256,
+    *,
+    noise_scale: float = 0.0,
+    max_learning_rate: float = 0.0,
+) -> float:
+    """The peak learning rate for a global minibatch of kn = ``global_batch_size`` under ``rule``.
+
+    * ``'linear'``: ``linear_scaling`` (Goyal et al. section 2.1, the default);
+    * ``'sqrt'``: ``sqrt_scaling``;
+    * ``'saturating'``: ``saturating_scaling(max_learning_rate, noise_scale, kn)``. ``noise_scale``
+      (B_noise, e.g. ``results.json``'s ``noise_scale`` of a short run with ``config.noise_scale``) is
+      required; ``max_learning_rate`` = 0 takes eta_max = ``linear_scaling(eta, B_noise)``, the eta_max
+      for which the rule agrees with the linear one at small batches (eta * B / base for B << B_noise)
+      and levels off at the linear rule's rate for B_noise.
+
+    Raises:
+      ValueError: an unknown ``rule``, or ``'saturating'`` without a positive ``noise_scale``.
+    """
+    _check_choice("lr_scaling", rule, LR_SCALINGS)
+    if rule == "linear":
+        return linear_scaling(base_learning_rate, global_batch_size, base_batch_size)
+    if rule == "sqrt":
+        return sqrt_scaling(base_learning_rate, global_batch_size, base_batch_size)
+    if not noise_scale > 0:
+        raise ValueError(f"lr_scaling='saturating' needs a gradient noise scale B_noise > 0, got {noise_scale!r}")
+    eta_max = max_learning_rate or linear_scaling(base_learning_rate, noise_scale, base_batch_size)
+    return saturating_scaling(eta_max, noise_scale, global_batch_size)
+
+
 def goyal_schedule(
     base_learning_rate: float,
     global_batch_size: int,
@@ -77,11 +139,15 @@ def goyal_schedule(
     decay_epochs: Sequence[float] = (30, 60, 80),
     decay_factor: float = 0.1,
     num_epochs: float = 90,
+    scaling: str = "linear",
+    noise_scale: float = 0.0,
+    max_learning_rate: float = 0.0,
 ) -> optax.Schedule:
     """Per-iteration learning rate of Goyal et al.: warmup, then decay.
 
-    Let eta = ``base_learning_rate``, k*eta = ``linear_scaling(eta, kn,
-    base_batch_size)``, W = ``warmup_epochs * steps_per_epoch`` and
+    Let eta = ``base_learning_rate``, k*eta = the peak rate for kn
+    (``scaled_learning_rate(scaling, eta, kn, base_batch_size, ...)``;
+    the Linear Scaling Rule by default), W = ``warmup_epochs * steps_per_epoch`` and
     T = ``num_epochs * steps_per_epoch``; fractional epochs are rounded up
     to the first whole iteration at or after them. The
     schedule maps the 0-based iteration t to
@@ -101,8 +167,9 @@ def goyal_schedule(
         at t = T and staying 0 after.
       * ``'none'``:   k*eta.
 
-    If kn <= ``base_batch_size`` there is nothing to warm up (k*eta <= eta):
-    W is taken as 0, whatever ``warmup`` says, and the schedule starts at k*eta.
+    If k*eta <= eta (with the linear rule: kn <= ``base_batch_size``) there is
+    nothing to warm up: W is taken as 0, whatever ``warmup`` says, and the
+    schedule starts at k*eta.
 
     Raises:
       ValueError: unknown ``warmup`` or ``decay`` name, or a non-positive
@@ -114,9 +181,11 @@ def goyal_schedule(
         raise ValueError(f"steps_per_epoch: must be >= 1, got {steps_per_epoch!r}")
 
     eta = float(base_learning_rate)
-    peak = linear_scaling(eta, global_batch_size, base_batch_size)
+    peak = scaled_learning_rate(
+        scaling, eta, global_batch_size, base_batch_size, noise_scale=noise_scale, max_learning_rate=max_learning_rate
+    )
     warmup_steps = _epoch_to_step(warmup_epochs, steps_per_epoch)
-    if warmup == "none" or global_batch_size <= base_batch_size:
+    if warmup == "none" or peak <= eta:
         warmup_steps = 0
     total_steps = _epoch_to_step(num_epochs, steps_per_epoch)
     boundaries = sorted(_epoch_to_step(e, steps_per_epoch) for e in decay_epochs)
@@ -452,6 +521,18 @@ def lars(
 # ---------------------------------------------------------------------------
 
 
+def peak_learning_rate(config: Any) -> float:
+    """The rate after warmup for ``config``'s k * n examples under ``config.lr_scaling`` (default linear)."""
+    return scaled_learning_rate(
+        getattr(config, "lr_scaling", "linear"),
+        config.base_learning_rate,
+        int(config.num_workers) * int(config.per_worker_batch_size),
+        getattr(config, "base_batch_size", 256),
+        noise_scale=float(getattr(config, "b_noise", 0.0)),
+        max_learning_rate=float(getattr(config, "lr_max", 0.0)),
+    )
+
+
 def from_config(config: Any, steps_per_epoch: int) -> Tuple[optax.GradientTransformation, optax.Schedule]:
     """Builds ``(transform, schedule)`` from a config with attribute access.
 
@@ -463,7 +544,10 @@ def from_config(config: Any, steps_per_epoch: int) -> Tuple[optax.GradientTransf
     ``decay``='step', ``decay_epochs``=(30, 60, 80), ``decay_factor``=0.1,
     ``momentum``=0.9, ``nesterov``=True, ``weight_decay``=1e-4,
     ``momentum_correction``=True, ``trust_coefficient``=0.001,
-    ``lars_trust_ratio``='optax' (``'optax'`` or ``'paper'``, see ``lars``).
+    ``lars_trust_ratio``='optax' (``'optax'`` or ``'paper'``, see ``lars``),
+    ``lr_scaling``='linear' (or ``'sqrt'``, ``'saturating'``; see
+    ``scaled_learning_rate``), ``b_noise`` and ``lr_max`` (the saturating
+    rule's B_noise and eta_max; 0 = derived, see there).
 
     The global minibatch is always k * n (never read from the config); the
     schedule is ``goyal_schedule`` of it and is also what the transform uses.
@@ -493,6 +577,9 @@ def from_config(config: Any, steps_per_epoch: int) -> Tuple[optax.GradientTransf
         decay_epochs=tuple(getattr(config, "decay_epochs", (30, 60, 80))),
         decay_factor=getattr(config, "decay_factor", 0.1),
         num_epochs=config.num_epochs,
+        scaling=getattr(config, "lr_scaling", "linear"),
+        noise_scale=float(getattr(config, "b_noise", 0.0)),
+        max_learning_rate=float(getattr(config, "lr_max", 0.0)),
     )
 
     momentum = getattr(config, "momentum", 0.9)

@@ -39,6 +39,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from lbsgd import checkpoint, optim, strategies
+from lbsgd import noise_scale as noise_scale_lib
 from lbsgd.models import resnet
 from lbsgd.parallel import mixing
 from lbsgd.parallel import layout as layout_lib
@@ -55,7 +56,8 @@ class TrainState:
     ``params``/``opt_state`` are one shared copy (allreduce) or per worker with a leading axis of size k
     (decentralized strategies); ``batch_stats`` always have the leading worker axis (each worker's own
     BN running statistics); ``extra`` is the strategy's own state (e.g. push-sum weights);
-    ``nonfinite`` counts steps whose loss or gradients were not finite: [in total, consecutively now].
+    ``nonfinite`` counts steps whose loss or gradients were not finite: [in total, consecutively now];
+    ``noise`` is the gradient noise scale's moving average (``lbsgd.noise_scale``; empty when off).
     """
 
     step: jax.Array
@@ -64,6 +66,7 @@ class TrainState:
     opt_state: Any
     extra: Any = flax.struct.field(default_factory=dict)
     nonfinite: Any = flax.struct.field(default_factory=lambda: jnp.zeros(2, jnp.int32))
+    noise: Any = flax.struct.field(default_factory=dict)
 
 
 def state_specs(state: TrainState, strategy: strategies.Strategy | None = None) -> TrainState:
@@ -78,16 +81,24 @@ def state_specs(state: TrainState, strategy: strategies.Strategy | None = None) 
         opt_state=opt_state,
         extra=extra,
         nonfinite=P(),
+        noise=jax.tree.map(lambda _: P(), state.noise),
     )
 
 
 def create_train_state(
-    model, tx, layout: layout_lib.WorkerLayout, image_shape, seed: int, strategy: strategies.Strategy | None = None
+    model,
+    tx,
+    layout: layout_lib.WorkerLayout,
+    image_shape,
+    seed: int,
+    strategy: strategies.Strategy | None = None,
+    noise_scale: bool = False,
 ) -> TrainState:
     """Initialise parameters from ``seed`` and place the state on the mesh (same values for any layout).
 
     Every worker starts from the same parameters; ``strategy`` (default allreduce) decides whether they
-    are one shared copy or k copies.
+    are one shared copy or k copies. ``noise_scale``: carry the gradient noise scale's moving average
+    (for a step built with ``make_train_step(noise_scale=True)``).
     """
     k = layout.num_workers
     strategy = strategy or allreduce.Allreduce()
@@ -96,7 +107,14 @@ def create_train_state(
         variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *image_shape), jnp.float32), train=False)
         params, opt_state, extra = strategy.init(variables["params"], tx, k)
         stats = jax.tree.map(lambda x: jnp.broadcast_to(x, (k, *x.shape)), variables.get("batch_stats", {}))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats, opt_state=opt_state, extra=extra)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=stats,
+            opt_state=opt_state,
+            extra=extra,
+            noise=noise_scale_lib.init() if noise_scale else {},
+        )
 
     abstract = jax.eval_shape(init)
     shardings = jax.tree.map(layout.sharding, state_specs(abstract, strategy))
@@ -125,6 +143,8 @@ def make_train_step(
     accumulation_steps: int = 1,
     label_smoothing: float = 0.0,
     skip_nonfinite: bool = False,
+    noise_scale: bool = False,
+    noise_scale_decay: float = noise_scale_lib.DEFAULT_DECAY,
 ):
     """Build the jitted train step ``(state, images, labels) -> (state, metrics)``.
 
@@ -139,6 +159,13 @@ def make_train_step(
     host learns it with the metrics, no extra sync); ``state.nonfinite`` counts such steps. With
     ``skip_nonfinite`` such a step changes nothing but the step and the counters (every worker skips
     it, like ``optax.apply_if_finite``); without, the caller must stop (``train_loop`` does).
+
+    ``noise_scale`` (allreduce, k >= 2; the state from ``create_train_state(noise_scale=True)``): also
+    estimate the gradient noise scale from what the step computes anyway — each worker's gradient over
+    its n examples and their sum over kn (``lbsgd.noise_scale``, McCandlish et al. 2018) — and log
+    ``noise_scale``, ``noise_g2`` and ``noise_trace``. The device's workers then take their gradients
+    one after another (a scan over workers, so that each one's norm is seen); off, nothing of it is
+    traced and the step is the same program as without the argument.
     """
     strategy = strategy or allreduce.Allreduce()
     k, n, m, a = layout.num_workers, per_worker_batch_size, layout.workers_per_device, accumulation_steps
@@ -147,6 +174,10 @@ def make_train_step(
     g = m // a  # workers per microstep
     denominator = strategy.loss_denominator(k, n)
     per_worker = strategy.grad_per_worker  # each worker differentiates at its own parameters
+    if noise_scale and not strategy.supports_noise_scale:
+        raise ValueError(f"the gradient noise scale needs one shared gradient (strategy 'allreduce'), not {strategy.name!r}")
+    if noise_scale and k < 2:
+        raise ValueError("the gradient noise scale compares one worker's gradient with k workers' sum: it needs k >= 2")
 
     def worker_loss(params, stats, x, y):
         """One worker: forward on its n examples with its own BN statistics; loss / (kn) or / n."""
@@ -170,6 +201,23 @@ def make_train_step(
         return jax.tree.map(lambda *t: jnp.stack(t), *outs)
 
     grad_fn = per_worker_grad_fn if per_worker else shared_grad_fn
+
+    def sq_norm(tree):
+        return sum(jnp.sum(jnp.square(t.astype(jnp.float32))) for t in jax.tree.leaves(tree))
+
+    def gradients_and_norms(params, batch_stats, images, labels):
+        """Like ``worker_gradients`` (shared parameters), plus Σ over this device's workers of the squared
+        norm of each one's gradient: the workers, one after another, add into one sum."""
+
+        def one_worker(carry, inputs):
+            acc, sq = carry
+            grads, aux = worker_grad_fn(params, *inputs)
+            return (jax.tree.map(jnp.add, acc, grads), sq + sq_norm(grads)), aux
+
+        start = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
+        x = images.reshape(m, n, *images.shape[1:])
+        (grads, sq), (new_stats, ce, correct) = jax.lax.scan(one_worker, start, (batch_stats, x, labels.reshape(m, n)))
+        return grads, new_stats, jnp.sum(ce), jnp.sum(correct), sq
 
     def worker_gradients(params, batch_stats, images, labels):
         """Gradients of this device's m workers (summed if shared, one per worker if per worker), new BN
@@ -207,17 +255,31 @@ def make_train_step(
             axis=AXIS, num_workers=k, num_devices=layout.num_devices, workers_per_device=m, step=state.step
         )
         grad_params = strategy.prepare(ctx, state.params, state.extra)
-        grads, new_stats, ce_sum, correct = worker_gradients(grad_params, state.batch_stats, images, labels)
-        params, opt_state, extra = strategy.update(
-            ctx, tx, state.params, state.opt_state, state.extra, grad_params, grads
-        )
+        noise_metrics, noise = {}, state.noise
+        if noise_scale:
+            grads, new_stats, ce_sum, correct, sq = gradients_and_norms(grad_params, state.batch_stats, images, labels)
+            summed = strategy.reduce(ctx, grads)  # G_kn: the gradient the step is taken on
+            params, opt_state, extra = strategy.apply(ctx, tx, state.params, state.opt_state, state.extra, summed)
+        else:
+            grads, new_stats, ce_sum, correct = worker_gradients(grad_params, state.batch_stats, images, labels)
+            params, opt_state, extra = strategy.update(
+                ctx, tx, state.params, state.opt_state, state.extra, grad_params, grads
+            )
         local_ok = jnp.isfinite(ce_sum) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(t)) for t in jax.tree.leaves(grads)]))
-        totals = jax.lax.psum(jnp.stack([ce_sum, correct.astype(jnp.float32), 1.0 - local_ok]), AXIS)
+        sums = [ce_sum, correct.astype(jnp.float32), 1.0 - local_ok] + ([sq] if noise_scale else [])
+        totals = jax.lax.psum(jnp.stack(sums), AXIS)
         finite = totals[2] == 0
+        if noise_scale:
+            # Worker w's loss is Σ ce / (kn), so its gradient g_w is 1/k of the gradient of its mean loss
+            # G_n,w: the mean over workers of |G_n,w|² is k Σ_w |g_w|²; G_kn = Σ_w g_w (Remark 3).
+            small_sq, big_sq = k * totals[3], sq_norm(summed)
+            noise = noise_scale_lib.update(state.noise, small_sq, big_sq, n, k * n, noise_scale_decay)
+            noise_metrics = noise_scale_lib.read(noise)
         if skip_nonfinite:  # keep the old state (every device decides alike: the flag is psummed)
             keep = lambda new, old: jax.tree.map(lambda a_, b_: jnp.where(finite, a_, b_), new, old)  # noqa: E731
-            params, opt_state, extra, new_stats = keep(
-                (params, opt_state, extra, new_stats), (state.params, state.opt_state, state.extra, state.batch_stats)
+            params, opt_state, extra, new_stats, noise = keep(
+                (params, opt_state, extra, new_stats, noise),
+                (state.params, state.opt_state, state.extra, state.batch_stats, state.noise),
             )
         bad = 1 - finite.astype(jnp.int32)
         nonfinite = jnp.stack([state.nonfinite[0] + bad, (state.nonfinite[1] + 1) * bad])
@@ -227,6 +289,7 @@ def make_train_step(
             "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
             "nonfinite": bad.astype(jnp.float32),
             **strategy.step_metrics(ctx, state.extra),
+            **noise_metrics,
         }
         new_state = TrainState(
             step=state.step + 1,
@@ -235,6 +298,7 @@ def make_train_step(
             opt_state=opt_state,
             extra=extra,
             nonfinite=nonfinite,
+            noise=noise,
         )
         return new_state, metrics
 
@@ -553,7 +617,9 @@ def restore_or_init(run: Run, mngr) -> TrainState:
     (``checkpoint.restore_latest``: a damaged newest one is moved aside with a warning)."""
     config = run.config
     image_shape = (config.image_size, config.image_size, run.dataset.channels)
-    state = create_train_state(run.model, run.tx, run.layout, image_shape, config.seed, run.strategy)
+    state = create_train_state(
+        run.model, run.tx, run.layout, image_shape, config.seed, run.strategy, noise_scale=config.get("noise_scale", False)
+    )
     k, n, lay = config.num_workers, config.per_worker_batch_size, run.layout
     log.info(
         "model %s: %s parameters; k=%d workers x n=%d = %d per step on %d devices (%d processes), "
@@ -632,6 +698,20 @@ def evaluate_run(run: Run, eval_step, consensus_fn, state, step: int) -> dict[st
     return metrics
 
 
+def record_epoch(run: Run, step: int, metrics: list[dict]) -> None:
+    """Append the mean training metrics of the steps since the last epoch boundary (``metrics``; after a
+    resume, those run since it) to ``WORKDIR/train_history.jsonl`` (chief only; a reader keeps the last
+    line per step)."""
+    if not run.is_chief or not metrics:
+        return
+    values = jax.device_get(metrics)
+    row = {"step": step, "epoch": step / run.steps_per_epoch, "steps_averaged": len(values)}
+    row.update({f"train_{key}": float(np.mean([float(m[key]) for m in values])) for key in values[0]})
+    row.update({f"last_{key}": float(values[-1][key]) for key in values[0] if key.startswith("noise_")})
+    with open(os.path.join(run.workdir, "train_history.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def train_loop(run: Run, state: TrainState, mngr, train_step, eval_step, consensus_fn) -> LoopResult:
     """Steps from ``state.step`` to the end: train, log, evaluate, checkpoint, stop cleanly on a signal.
 
@@ -669,7 +749,7 @@ def train_loop(run: Run, state: TrainState, mngr, train_step, eval_step, consens
     spe = run.steps_per_epoch
     eval_every = max(1, int(config.eval_every_epochs * spe)) if config.eval_every_epochs > 0 else 0
     block = _blocking_needed()
-    window, last_metrics, eval_metrics = [], None, None
+    window, epoch_window, last_metrics, eval_metrics = [], [], None, None
     t_train, timed_steps = None, 0
     stop = _StopOnSignal(enabled=lay.num_processes == 1)
     last_saved = start_step
@@ -682,6 +762,7 @@ def train_loop(run: Run, state: TrainState, mngr, train_step, eval_step, consens
             if block:
                 jax.block_until_ready(state)
             window.append(metrics)
+            epoch_window.append(metrics)
             pending.append((step + 1, metrics["nonfinite"]))
             if t_train is None:  # the first step includes compilation: time from its end
                 jax.block_until_ready(metrics)
@@ -696,8 +777,12 @@ def train_loop(run: Run, state: TrainState, mngr, train_step, eval_step, consens
             evaluate_now = (eval_every and done % eval_every == 0) or done == total_steps
             save_now = done % config.checkpoint_every_steps == 0 or done == total_steps
             preempted = stop.signum is not None or (lay.num_processes > 1 and mngr.reached_preemption(done))
-            if evaluate_now or save_now or preempted or done % config.log_every_steps == 0:
+            epoch_end = done % spe == 0 or done == total_steps
+            if evaluate_now or save_now or preempted or epoch_end or done % config.log_every_steps == 0:
                 check_nonfinite(pending, state, config)
+            if epoch_end:
+                record_epoch(run, done, epoch_window)
+                epoch_window = []
             if done % config.log_every_steps == 0 or done == total_steps:
                 means = {k_: float(np.mean([float(m_[k_]) for m_ in jax.device_get(window)])) for k_ in window[0]}
                 last_metrics = jax.device_get(metrics)
@@ -723,6 +808,15 @@ def train_loop(run: Run, state: TrainState, mngr, train_step, eval_step, consens
     train_time = (time.time() - t_train) if t_train is not None else 0.0
     compile_s = (t_train - t_first) if t_train is not None else 0.0
     return LoopResult(state, last_metrics, eval_metrics, train_time, timed_steps, t_first - run.t_start, compile_s)
+
+
+def noise_results(state: TrainState) -> dict[str, float | None]:
+    """results.json's ``noise_scale`` (B_simple, in examples), ``noise_g2`` and ``noise_trace`` at the end
+    of training (their moving averages) and ``noise_scale_run`` (averaged over the whole run); None when
+    the run did not estimate them."""
+    if not state.noise:
+        return {"noise_scale": None, "noise_g2": None, "noise_trace": None, "noise_scale_run": None}
+    return {key: float(value) for key, value in jax.device_get(noise_scale_lib.read(state.noise)).items()}
 
 
 def write_results(run: Run, result: LoopResult, eval_step, consensus_fn) -> dict[str, Any]:
@@ -757,8 +851,11 @@ def write_results(run: Run, result: LoopResult, eval_step, consensus_fn) -> dict
         **{
             f"train_{key}": float(value)
             for key, value in last_metrics.items()
-            if key not in ("loss", "accuracy", "learning_rate", "nonfinite")
+            if key not in ("loss", "accuracy", "learning_rate", "nonfinite") and not key.startswith("noise_")
         },
+        **noise_results(state),
+        "lr_scaling": config.get("lr_scaling", "linear"),
+        "peak_learning_rate": optim.peak_learning_rate(config),
         "bytes_sent_per_worker_per_step": float(
             run.strategy.bytes_sent_per_worker_per_step(k, model_bytes(state, run.strategy))
         ),
@@ -808,6 +905,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         accumulation_steps=run.accumulation,
         label_smoothing=config.label_smoothing,
         skip_nonfinite=config.get("on_nonfinite", "stop") == "skip",
+        noise_scale=config.get("noise_scale", False),
+        noise_scale_decay=config.get("noise_scale_decay", noise_scale_lib.DEFAULT_DECAY),
     )
     eval_step = make_eval_step(run.model, run.layout, run.strategy)
     consensus_fn = make_consensus_fn(run.strategy)

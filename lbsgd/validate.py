@@ -6,9 +6,8 @@ import math
 import os
 import tempfile
 
-WARMUPS = ("gradual", "constant", "none")
-DECAYS = ("step", "cosine", "none")
-OPTIMIZERS = ("goyal_sgd", "lars", "sgd")
+from lbsgd.optim import DECAYS, LR_SCALINGS, OPTIMIZERS, TRUST_RATIOS, WARMUPS
+
 DTYPES = ("float32", "bfloat16")  # float16 needs loss scaling, which lbsgd does not do: refused
 AUGMENTATIONS = ("none", "shift", "inception")
 DATASETS = ("digits", "imagenet2012", "tfds:<name>", "folder:<path>")
@@ -94,9 +93,8 @@ def check_config(config) -> None:
     _choice(config, "decay", DECAYS)
     _choice(config, "optimizer", OPTIMIZERS)
     if "lars_trust_ratio" in config:
-        from lbsgd.optim import TRUST_RATIOS
-
         _choice(config, "lars_trust_ratio", TRUST_RATIOS)
+    check_scaling(config)
     if config.get("dtype") == "float16":
         raise ConfigError(
             "config.dtype='float16' needs loss scaling, which lbsgd does not do; use --config.dtype=bfloat16 "
@@ -109,6 +107,64 @@ def check_config(config) -> None:
         _choice(config, "on_nonfinite", NONFINITE_POLICIES)
     _choice(config, "augment", AUGMENTATIONS)
     _choice(config, "model", tuple(resnet.ARCHITECTURES))
+
+
+def check_scaling(config) -> None:
+    """``lr_scaling`` and its inputs, and the noise-scale estimate's preconditions."""
+    if "lr_scaling" in config:
+        _choice(config, "lr_scaling", LR_SCALINGS)
+    for field in ("b_noise", "lr_max"):
+        _in_range(config, field, 0.0, float("inf"), high_open=True)
+    _in_range(config, "noise_scale_decay", 0.0, 1.0, default=0.99, high_open=True)
+    if config.get("lr_scaling") == "saturating":
+        if not config.get("b_noise") and not config.get("b_noise_from"):
+            raise ConfigError(
+                "config.lr_scaling='saturating' needs the gradient noise scale: set --config.b_noise=<examples> or "
+                "--config.b_noise_from=<workdir of a run with --config.noise_scale=True>"
+            )
+        if config.get("b_noise") and config.get("b_noise_from"):
+            raise ConfigError("set one of config.b_noise and config.b_noise_from, not both")
+    noise = config.get("noise_scale", False)
+    if not isinstance(noise, bool):
+        raise ConfigError(f"config.noise_scale={noise!r} must be True or False")
+    if noise and config.get("strategy", "allreduce") != "allreduce":
+        raise ConfigError(
+            f"config.noise_scale=True needs one gradient summed over all workers (strategy 'allreduce'), not "
+            f"{config.get('strategy')!r}; measure it in an allreduce run"
+        )
+    if noise and config.get("num_workers", 1) < 2:
+        raise ConfigError(
+            "config.noise_scale=True compares one worker's gradient with the sum over k workers: set "
+            "--config.num_workers to 2 or more"
+        )
+
+
+def resolve_b_noise(config) -> float | None:
+    """With ``config.b_noise_from`` (a workdir or its results.json): set ``config.b_noise`` to the noise
+    scale that run measured over its whole training (``noise_scale_run``) and return it; None when there
+    is nothing to resolve."""
+    import json
+
+    source = config.get("b_noise_from", "")
+    if not source:
+        return None
+    path = os.path.join(source, "results.json") if os.path.isdir(source) else source
+    try:
+        with open(path) as f:
+            value = json.load(f).get("noise_scale_run")
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"config.b_noise_from={source!r}: cannot read a results.json there ({getattr(e, 'strerror', None) or e}); "
+            f"point it at the workdir of a finished run with --config.noise_scale=True"
+        ) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(
+            f"config.b_noise_from={source!r}: its results.json has no positive noise_scale_run (found {value!r}); "
+            f"rerun that run with --config.noise_scale=True"
+        )
+    config.b_noise = float(value)
+    config.b_noise_from = ""
+    return float(value)
 
 
 def check_layout(config, num_devices_available: int, num_processes: int = 1) -> None:

@@ -62,6 +62,21 @@ def tiny_config(data_dir, **overrides):
     return c
 
 
+def tiny_bn_net():
+    """Conv -> BatchNorm -> ReLU -> pool -> Dense: the smallest net where per-worker BN statistics matter."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    class TinyBNNet(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=True):
+            x = nn.Conv(6, (3, 3), use_bias=False)(x)
+            x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+            return nn.Dense(10)(jnp.mean(x, axis=(1, 2)))
+
+    return TinyBNNet()
+
+
 def run_module(module, *args, env=None, timeout=300):
     """Run ``python -m <module> <args>`` from the repo root in a subprocess; returns CompletedProcess (text)."""
     full_env = dict(os.environ, **(env or {}))

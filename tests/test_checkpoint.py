@@ -139,7 +139,7 @@ def test_resume_with_a_changed_state_field_is_refused_naming_each_field(tmp_path
         if field not in _config():
             continue
         value = _config()[field]
-        other = value + 1 if isinstance(value, int) else f"{value}x"
+        other = (not value) if isinstance(value, bool) else value + 1 if isinstance(value, int) else f"{value}x"
         with pytest.raises(checkpoint.CheckpointError, match=field):
             checkpoint.check_resume(str(tmp_path), _config(**{field: other}))
 
@@ -157,6 +157,21 @@ def test_resume_with_changed_schedule_and_intervals_is_allowed_and_reported(tmp_
         "eval_every_epochs": (0, 2),
     }
     assert checkpoint.check_resume(str(tmp_path), _config()) == {}
+
+
+def test_a_state_field_missing_from_an_older_record_counts_only_when_turned_on(tmp_path):
+    """A record written before a state field existed (e.g. noise_scale) resumes while the field is off."""
+    import json
+
+    _saved(tmp_path, steps=(2,)).close()
+    checkpoint.record_config(str(tmp_path), _config())
+    path = tmp_path / checkpoint.CONFIG_FILE
+    recorded = json.loads(path.read_text())
+    del recorded["noise_scale"]
+    path.write_text(json.dumps(recorded))
+    assert checkpoint.check_resume(str(tmp_path), _config()) == {}
+    with pytest.raises(checkpoint.CheckpointError, match="noise_scale None -> True"):
+        checkpoint.check_resume(str(tmp_path), _config(noise_scale=True))
 
 
 def test_only_the_active_strategys_options_must_match(tmp_path):

@@ -63,6 +63,18 @@ BAD_INPUTS = {
     "aggregation_for_decentralized": (["--config.strategy=gossip_pull", "--config.aggregation=ring"], "allreduce"),
     "easgd_beta_out_of_range": (["--config.strategy=easgd", "--config.easgd.beta=2.0"], "config.easgd.beta"),
     "negative_staleness": (["--config.strategy=async_ps", "--config.async_ps.staleness=-1"], "staleness"),
+    "unknown_lr_scaling": (["--config.lr_scaling=cubic"], "config.lr_scaling"),
+    "saturating_without_noise_scale": (["--config.lr_scaling=saturating"], "needs the gradient noise scale"),
+    "noise_scale_from_missing_run": (
+        ["--config.lr_scaling=saturating", "--config.b_noise_from={missing}"],
+        "cannot read a results.json",
+    ),
+    "noise_scale_from_run_without_it": (
+        ["--config.lr_scaling=saturating", "--config.b_noise_from={no_noise}"],
+        "no positive noise_scale_run",
+    ),
+    "noise_scale_with_decentralized_strategy": (["--config.strategy=dpsgd", "--config.noise_scale=True"], "allreduce"),
+    "noise_scale_with_one_worker": (["--config.num_workers=1", "--config.noise_scale=True"], "2 or more"),
     # Numbers
     "zero_learning_rate": (["--config.base_learning_rate=0.0"], "config.base_learning_rate"),
     "negative_learning_rate": (["--config.base_learning_rate=-0.1"], "config.base_learning_rate"),
@@ -114,6 +126,8 @@ def _make_bad_files(tmp):
                 (corrupt / split / c / f"{i}.jpg").write_bytes(tf.io.encode_jpeg(img).numpy())
     (corrupt / "train" / "b" / "bad.jpg").write_bytes(b"not a jpeg at all")
     (corrupt / "train" / "b" / "3.jpg").unlink()
+    (tmp / "no_noise").mkdir()
+    (tmp / "no_noise" / "results.json").write_text('{"eval_accuracy": 0.99, "noise_scale_run": null}')
     return {
         "file": tmp / "a_file",
         "syntax": tmp / "syntax_error.py",
@@ -122,6 +136,7 @@ def _make_bad_files(tmp):
         "empty": tmp / "empty",
         "no_images": tmp / "no_images",
         "corrupt": corrupt,
+        "no_noise": tmp / "no_noise",
     }
 
 
@@ -170,9 +185,9 @@ STRATEGY_ARGS = {  # strategies whose own state must survive a crash: push-sum w
 }
 
 
-def _short_run(workdir, data_dir, strategy="allreduce"):
-    """A short run: 2 epochs of k=8 x n=4 = 88 steps, checkpoints every 8."""
-    return run_main(
+def _short_args(workdir, data_dir, strategy="allreduce"):
+    """`lbsgd.main` arguments of a short run: 2 epochs of k=8 x n=4 = 88 steps, checkpoints every 8."""
+    return [
         DIGITS,
         f"--workdir={workdir}",
         f"--config.data_dir={data_dir}",
@@ -180,7 +195,12 @@ def _short_run(workdir, data_dir, strategy="allreduce"):
         *STRATEGY_ARGS[strategy],
         "--config.num_epochs=2",
         "--config.checkpoint_every_steps=8",
-    )
+    ]
+
+
+def _short_run(workdir, data_dir, strategy="allreduce"):
+    """The short run, to the end."""
+    return run_main(*_short_args(workdir, data_dir, strategy))
 
 
 @pytest.fixture(scope="module")
@@ -236,18 +256,7 @@ def test_main_job_writes_results_events_and_checkpoints(reference_run):
 @pytest.mark.parametrize("strategy", sorted(set(STRATEGY_ARGS) - {"allreduce"}))  # allreduce: fault injection below
 def test_killed_run_resumes_to_the_same_result(reference_runs, tmp_path, data_dir, strategy):
     _, want = reference_runs(strategy)
-    args = [
-        sys.executable,
-        "-m",
-        "lbsgd.main",
-        DIGITS,
-        f"--workdir={tmp_path}",
-        f"--config.data_dir={data_dir}",
-        *TINY,
-        *STRATEGY_ARGS[strategy],
-        "--config.num_epochs=2",
-        "--config.checkpoint_every_steps=8",
-    ]
+    args = [sys.executable, "-m", "lbsgd.main", *_short_args(tmp_path, data_dir, strategy)]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = tmp_path / "checkpoints"
     deadline = time.time() + 240
@@ -368,15 +377,8 @@ def test_incompatible_resume_is_refused_before_compiling_and_allowed_changes_are
 
 
 def _short_run_with(workdir, data_dir, *extra):
-    return run_main(
-        DIGITS,
-        f"--workdir={workdir}",
-        f"--config.data_dir={data_dir}",
-        *TINY,
-        "--config.num_epochs=2",
-        "--config.checkpoint_every_steps=8",
-        *extra,
-    )
+    """The short run with extra overrides (later flags win)."""
+    return run_main(*_short_args(workdir, data_dir), *extra)
 
 
 def test_nonfinite_loss_stops_with_exit_3_and_is_never_saved(tmp_path, data_dir):
@@ -430,17 +432,7 @@ def test_sigkill_at_random_moments_and_mid_save_then_resume_gives_the_same_resul
     _, want = reference_run
     rng = np.random.default_rng(13)
     ckpts = tmp_path / "checkpoints"
-    args = [
-        sys.executable,
-        "-m",
-        "lbsgd.main",
-        DIGITS,
-        f"--workdir={tmp_path}",
-        f"--config.data_dir={data_dir}",
-        *TINY,
-        "--config.num_epochs=2",
-        "--config.checkpoint_every_steps=8",
-    ]
+    args = [sys.executable, "-m", "lbsgd.main", *_short_args(tmp_path, data_dir)]
 
     def saving():  # orbax writes <step>.orbax-checkpoint-tmp* and renames it when complete
         return ckpts.exists() and any("tmp" in d for d in os.listdir(ckpts))

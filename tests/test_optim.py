@@ -753,3 +753,70 @@ def test_readme_snippet_runs(capsys):
     assert lines[0].startswith("step 0: lr 0.1000,")
     first_loss = float(lines[0].rsplit(" ", 1)[1])
     assert float(namespace["loss"]) < 0.1 * first_loss
+
+
+# --- Learning-rate scaling rules (issue #11) -----------------------------------------------------
+
+
+def test_scaling_rules_at_hand_computed_points():
+    assert optim.sqrt_scaling(0.1, 1024, 256) == pytest.approx(0.2)  # 0.1 * sqrt(4)
+    assert optim.sqrt_scaling(0.1, 64, 256) == pytest.approx(0.05)
+    assert optim.saturating_scaling(1.0, 100, 100) == pytest.approx(0.5)  # B = B_noise: half of eta_max
+    assert optim.saturating_scaling(2.0, 300, 100) == pytest.approx(0.5)  # 2 / (1 + 3)
+    assert optim.saturating_scaling(0.9, 50, 450) == pytest.approx(0.81)  # 0.9 / (1 + 1/9)
+    # eta_max derived from the linear rule at B_noise: 0.1 * 1000 / 256, then / (1 + 1000 / 500)
+    assert optim.scaled_learning_rate("saturating", 0.1, 500, 256, noise_scale=1000) == pytest.approx(0.1 * 1000 / 256 / 3)
+    assert optim.scaled_learning_rate("saturating", 0.1, 500, 256, noise_scale=1000, max_learning_rate=3.0) == pytest.approx(1.0)
+    assert optim.scaled_learning_rate("linear", 0.1, 8192, 256) == pytest.approx(3.2)
+    assert optim.scaled_learning_rate("sqrt", 0.1, 8192, 256) == pytest.approx(0.1 * math.sqrt(32))
+
+
+@pytest.mark.parametrize("b_noise", [200.0, 1000.0, 8000.0])
+def test_saturating_rule_is_linear_below_and_flat_above_the_noise_scale(b_noise):
+    """B << B_noise: within 5 % of the linear rule (eta_max = linear rate at B_noise); B >> B_noise:
+    within 5 % of eta_max; never above either."""
+    eta, base = 0.1, 256
+    eta_max = optim.linear_scaling(eta, b_noise, base)
+    for batch in [b_noise / 10000, b_noise / 100, b_noise / 20]:
+        sat = optim.scaled_learning_rate("saturating", eta, batch, base, noise_scale=b_noise)
+        assert sat == pytest.approx(optim.linear_scaling(eta, batch, base), rel=0.05)
+    for batch in [20 * b_noise, 100 * b_noise, 1e4 * b_noise]:
+        sat = optim.scaled_learning_rate("saturating", eta, batch, base, noise_scale=b_noise)
+        assert sat == pytest.approx(eta_max, rel=0.05)
+    for batch in np.geomspace(1, 1e6, 25):
+        sat = optim.scaled_learning_rate("saturating", eta, batch, base, noise_scale=b_noise)
+        assert sat < min(eta_max, optim.linear_scaling(eta, batch, base))
+
+
+def test_schedule_uses_the_rule_for_its_peak_and_warms_up_only_to_a_higher_rate():
+    kw = dict(steps_per_epoch=10, warmup="gradual", warmup_epochs=1, decay="none", num_epochs=5)
+    sched = optim.goyal_schedule(0.1, 4096, scaling="saturating", noise_scale=1024, **kw)
+    peak = 0.1 * 1024 / 256 / (1 + 1024 / 4096)  # 0.32
+    assert float(sched(0)) == pytest.approx(0.1) and float(sched(5)) == pytest.approx(0.1 + (peak - 0.1) / 2)
+    assert float(sched(10)) == pytest.approx(peak) and float(sched(49)) == pytest.approx(peak)
+    low = optim.goyal_schedule(0.1, 512, scaling="saturating", noise_scale=100, **kw)  # peak 0.0326 < eta
+    assert float(low(0)) == pytest.approx(0.1 * 100 / 256 / (1 + 100 / 512))  # no warmup down to it
+    sq = optim.goyal_schedule(0.1, 1024, scaling="sqrt", **kw)
+    assert float(sq(10)) == pytest.approx(0.2) and float(sq(0)) == pytest.approx(0.1)
+
+
+def test_from_config_scaling_rules():
+    def cfg(**kw):
+        c = ml_collections.ConfigDict(dict(num_workers=16, per_worker_batch_size=64, base_learning_rate=0.1,
+                                           warmup="none", warmup_epochs=0, num_epochs=1, optimizer="goyal_sgd",
+                                           decay="none"))
+        c.update(kw)
+        return c
+
+    for c, want in [
+        (cfg(), 0.4),
+        (cfg(lr_scaling="sqrt"), 0.2),
+        (cfg(lr_scaling="saturating", b_noise=1024.0), 0.1 * 4 / 2),
+        (cfg(lr_scaling="saturating", b_noise=1024.0, lr_max=1.0), 0.5),
+    ]:
+        _, sched = optim.from_config(c, steps_per_epoch=10)
+        assert float(sched(3)) == pytest.approx(want) and optim.peak_learning_rate(c) == pytest.approx(want)
+    with pytest.raises(ValueError, match="noise scale"):
+        optim.from_config(cfg(lr_scaling="saturating"), steps_per_epoch=10)
+    with pytest.raises(ValueError, match="lr_scaling"):
+        optim.from_config(cfg(lr_scaling="cubic"), steps_per_epoch=10)

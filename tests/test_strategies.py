@@ -1,7 +1,6 @@
 """Decentralized strategies (issue #9) against independent expectations: hand-written mixing matrices,
 numpy eigenvalues, conservation laws, a hand-computed quadratic trajectory, and allreduce SGD itself."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,23 +8,13 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import tiny_config
+from conftest import tiny_bn_net, tiny_config
 from lbsgd import optim, strategies, train
 from lbsgd.parallel import layout as layout_lib
 from lbsgd.parallel import mixing
 from lbsgd.parallel.layout import AXIS
 
 N = 4
-
-
-class TinyBNNet(nn.Module):
-    """Conv -> BatchNorm -> ReLU -> pool -> Dense (per-worker BN statistics matter)."""
-
-    @nn.compact
-    def __call__(self, x, train=True):
-        x = nn.Conv(6, (3, 3), use_bias=False)(x)
-        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
-        return nn.Dense(10)(jnp.mean(x, axis=(1, 2)))
 
 
 def make_strategy(name, k, d, topology="", form="awc", seed=0, pool_size=32):
@@ -53,7 +42,7 @@ def goyal_tx(k):
 
 def train_steps(strategy, k, d, data, tx=None, schedule=None, state_fn=None, on_step=None):
     """Run the real train step; returns the host state. ``state_fn`` may replace the initial state."""
-    model = TinyBNNet()
+    model = tiny_bn_net()
     if tx is None:
         tx, schedule = goyal_tx(k)
     lay = layout_lib.make_layout(k, d)
@@ -364,7 +353,7 @@ def test_gossip_accumulation_microsteps_give_the_same_run():
     """Per-worker parameters also split across accumulation microsteps (whole workers each)."""
     k, d = 8, 1
     data = batches(3, k, seed=6)
-    model = TinyBNNet()
+    model = tiny_bn_net()
     tx, schedule = goyal_tx(k)
     lay = layout_lib.make_layout(k, d)
     strategy = make_strategy("gossip_pull", k, d, pool_size=4)

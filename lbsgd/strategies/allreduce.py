@@ -26,10 +26,19 @@ class Allreduce(Strategy):
     aggregation: str = "psum"
     bucket_mb: float = 25.0
 
+    supports_noise_scale = True
+
     def update(self, ctx, tx, params, opt_state, extra, grad_params, grads):
         """Σ over devices of the local workers' summed gradients, then ``tx``'s step (Remark 3)."""
-        grads = aggregators.allreduce_sum(grads, ctx.axis, method=self.aggregation, bucket_mb=self.bucket_mb)
-        updates, opt_state = tx.update(grads, opt_state, params)
+        return self.apply(ctx, tx, params, opt_state, extra, self.reduce(ctx, grads))
+
+    def reduce(self, ctx, grads):
+        """The gradient of the whole minibatch: Σ over devices of this device's workers' summed gradients."""
+        return aggregators.allreduce_sum(grads, ctx.axis, method=self.aggregation, bucket_mb=self.bucket_mb)
+
+    def apply(self, ctx, tx, params, opt_state, extra, summed):
+        """One optimizer step of ``tx`` on the shared copy with the summed gradient."""
+        updates, opt_state = tx.update(summed, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, extra
 
     def bytes_sent_per_worker_per_step(self, num_workers, model_bytes):

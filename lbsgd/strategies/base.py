@@ -51,6 +51,8 @@ class Strategy:
 
     name: ClassVar[str] = ""
     per_worker: ClassVar[bool] = True  # parameters and optimizer state carry a leading worker axis
+    # One gradient summed over all k workers, exposed as ``reduce``/``apply`` (the noise scale needs it).
+    supports_noise_scale: ClassVar[bool] = False
 
     @property
     def grad_per_worker(self) -> bool:
