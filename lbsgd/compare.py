@@ -270,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"[{i}/{len(plan)}] {e}", flush=True)
                 continue
             rows.append({"label": entry.label, "seed": seed, "run": path, **results})
-            histories[path] = runs.eval_history(path)
+            histories[path] = runs.history(path)
             what = f"{entry.label}, k={k}, seed {seed}"
             accuracy = f"test accuracy {100 * results['eval_accuracy']:.2f} %"
             print(progress.line(i, what, accuracy, time.time() - t_run, cached), flush=True)

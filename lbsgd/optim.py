@@ -521,15 +521,20 @@ def lars(
 # ---------------------------------------------------------------------------
 
 
+def _scaling_of(config: Any) -> Tuple[str, dict]:
+    """``config.lr_scaling`` (default linear) and the saturating rule's inputs, as keyword arguments."""
+    rule = getattr(config, "lr_scaling", "linear")
+    return rule, dict(
+        noise_scale=float(getattr(config, "b_noise", 0.0)), max_learning_rate=float(getattr(config, "lr_max", 0.0))
+    )
+
+
 def peak_learning_rate(config: Any) -> float:
     """The rate after warmup for ``config``'s k * n examples under ``config.lr_scaling`` (default linear)."""
+    rule, kwargs = _scaling_of(config)
+    global_batch_size = int(config.num_workers) * int(config.per_worker_batch_size)
     return scaled_learning_rate(
-        getattr(config, "lr_scaling", "linear"),
-        config.base_learning_rate,
-        int(config.num_workers) * int(config.per_worker_batch_size),
-        getattr(config, "base_batch_size", 256),
-        noise_scale=float(getattr(config, "b_noise", 0.0)),
-        max_learning_rate=float(getattr(config, "lr_max", 0.0)),
+        rule, config.base_learning_rate, global_batch_size, getattr(config, "base_batch_size", 256), **kwargs
     )
 
 
@@ -566,6 +571,7 @@ def from_config(config: Any, steps_per_epoch: int) -> Tuple[optax.GradientTransf
     trust_ratio = getattr(config, "lars_trust_ratio", "optax")
     _check_choice("config.lars_trust_ratio", trust_ratio, TRUST_RATIOS)
     global_batch_size = int(config.num_workers) * int(config.per_worker_batch_size)
+    rule, scaling_kwargs = _scaling_of(config)
     schedule = goyal_schedule(
         config.base_learning_rate,
         global_batch_size,
@@ -577,9 +583,8 @@ def from_config(config: Any, steps_per_epoch: int) -> Tuple[optax.GradientTransf
         decay_epochs=tuple(getattr(config, "decay_epochs", (30, 60, 80))),
         decay_factor=getattr(config, "decay_factor", 0.1),
         num_epochs=config.num_epochs,
-        scaling=getattr(config, "lr_scaling", "linear"),
-        noise_scale=float(getattr(config, "b_noise", 0.0)),
-        max_learning_rate=float(getattr(config, "lr_max", 0.0)),
+        scaling=rule,
+        **scaling_kwargs,
     )
 
     momentum = getattr(config, "momentum", 0.9)

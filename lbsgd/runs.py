@@ -67,9 +67,10 @@ def run_main(config: str, workdir: str, overrides: Sequence[str], env: dict, nam
         return json.load(f)
 
 
-def eval_history(workdir: str, name: str = "eval_history.jsonl") -> list[dict]:
-    """The run's evaluations in step order (the last line per step wins: a resumed run may repeat one);
-    ``name="train_history.jsonl"``: its per-epoch training metrics, likewise."""
+def history(workdir: str, name: str = "eval_history.jsonl") -> list[dict]:
+    """A run's JSON-lines history in step order, the last line per step winning (a resumed run may
+    repeat one): its evaluations (``eval_history.jsonl``) or per-epoch training metrics
+    (``train_history.jsonl``)."""
     by_step = {}
     history = os.path.join(workdir, name)
     if os.path.exists(history):

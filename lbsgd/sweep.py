@@ -341,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 failures.append(str(e))
                 print(f"[{i}/{len(todo)}] {e}", flush=True)
                 continue
-            histories[path] = runs.eval_history(path, "train_history.jsonl")
+            histories[path] = runs.history(path, "train_history.jsonl")
             row = {"cell": cell.label, "variant": cell.variant, "seed": seed, "run": path,
                    **{f"set_{f}": v for f, v in cell.overrides}, **final_training(histories[path]), **results}
             rows.append(row)
@@ -350,7 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyboardInterrupt, runs.RunStopped):
         return runs.stopped("lbsgd.sweep", len(rows), len(todo))
     if rows:
-        rows.sort(key=lambda r: (args.cells.index(next(c for c in args.cells if c.label == r["cell"])), r["seed"]))
+        order = {c.label: i for i, c in enumerate(args.cells)}
+        rows.sort(key=lambda r: (order[r["cell"]], r["seed"]))
         runs.write_csv(os.path.join(args.workdir, "sweep.csv"), rows)
         with open(os.path.join(args.workdir, "sweep.md"), "w") as f:
             f.write(summary_table(rows))

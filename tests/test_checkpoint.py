@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import tiny_config
+from conftest import tiny_bn_net, tiny_config
 from lbsgd import checkpoint, strategies, train
 from lbsgd.parallel import layout as layout_lib
 
@@ -201,21 +201,12 @@ K, N = 8, 2
 
 
 def _make(strategy_name, skip, d=4):
-    import flax.linen as nn
-
-    class Net(nn.Module):
-        @nn.compact
-        def __call__(self, x, train=True):
-            x = nn.Conv(4, (3, 3), use_bias=False)(x)
-            x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
-            return nn.Dense(10)(jnp.mean(x, axis=(1, 2)))
-
     config = ml_collections.ConfigDict({"strategy": strategy_name, "num_workers": K, "seed": 0, "aggregation": "psum"})
     config.bucket_mb = 25.0
     config.topology = ""
     strategy = strategies.from_config(config, d)
     lay = layout_lib.make_layout(K, d)
-    model, tx = Net(), optax.sgd(0.1, momentum=0.9)
+    model, tx = tiny_bn_net(), optax.sgd(0.1, momentum=0.9)
     state = train.create_train_state(model, tx, lay, (8, 8, 1), 0, strategy)
     step = train.make_train_step(
         model, tx, optax.constant_schedule(0.1), lay, per_worker_batch_size=N, strategy=strategy, skip_nonfinite=skip

@@ -85,6 +85,13 @@ def summarize(times: Sequence[float]) -> dict[str, Any]:
     }
 
 
+def time_fields(
+    stats: dict[str, Any], prefix: str = "step_time", keys: Sequence[str] = ("median", "min", "max", "iqr")
+) -> dict[str, float]:
+    """``summarize``'s ``keys`` as JSON fields named ``<prefix>_<key>_s``."""
+    return {f"{prefix}_{key}_s": stats[f"{key}_s"] for key in keys}
+
+
 def compile_timed(jitted: Callable, *args) -> tuple[Any, float]:
     """Lower and compile a jitted (or pmapped) function for ``args`` ahead of time: ``(compiled, seconds)``."""
     t0 = time.perf_counter()

@@ -123,10 +123,7 @@ def main(argv: Sequence[str]) -> int:
         memory = m["memory"] or {}
         row.update(
             compile_s=m["compile_s"],
-            step_time_median_s=stats["median_s"],
-            step_time_min_s=stats["min_s"],
-            step_time_max_s=stats["max_s"],
-            step_time_iqr_s=stats["iqr_s"],
+            **common.time_fields(stats),
             repeats=stats["repeats"],
             images_per_second=k * n / stats["median_s"],
             ratio_to_allreduce=stats["median_s"] / base if base else None,
