@@ -735,6 +735,7 @@ def train_loop(run: Run, state: TrainState, mngr, train_step, eval_step, consens
         start_step=start_step,
         augment=config.augment,
         image_size=config.image_size,
+        num_steps=total_steps - start_step,
     )
     hooks = []
     bar = None

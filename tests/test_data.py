@@ -59,17 +59,11 @@ def _labels_by_index(data_dir, split):
     return np.array([int(source[i]["label"]) for i in range(len(source))]), source
 
 
+_ARGS = dict(num_workers=K, per_worker_batch_size=N, seed=0, first_worker=0, num_local_workers=K, augment="none", image_size=8)
+
+
 def _take(ds, steps, **kw):
-    args = dict(
-        num_workers=K,
-        per_worker_batch_size=N,
-        seed=0,
-        first_worker=0,
-        num_local_workers=K,
-        start_step=0,
-        augment="none",
-        image_size=8,
-    )
+    args = dict(_ARGS, start_step=0)
     args.update(kw)
     return list(itertools.islice(pipeline.train_iterator(ds, **args), steps))
 
@@ -135,3 +129,25 @@ def test_eval_iterator_reads_every_test_example_once_across_processes(ds, data_d
 def test_unknown_dataset_is_a_clear_error():
     with pytest.raises(pipeline.DataError, match="unknown dataset"):
         pipeline.load("mnist-but-typo")
+
+
+def test_in_memory_split_serves_the_same_batches_as_reading_the_source(data_dir, monkeypatch):
+    """Small TFDS splits are held in memory (tf.gather instead of a Python call per example); the batches,
+    augmentation included, must be those of the per-example array_record reads."""
+    cached = pipeline.load("digits", data_dir)
+    monkeypatch.setattr(pipeline, "IN_MEMORY_MAX_BYTES", 0)
+    uncached = pipeline.load("digits", data_dir)
+    a = _take(cached, 12, augment="shift", start_step=5)
+    b = _take(uncached, 12, augment="shift", start_step=5)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["label"], y["label"])
+
+
+def test_a_run_gets_exactly_the_steps_it_asks_for(ds):
+    """``num_steps`` ends the pipeline after that many batches: the first ones of the endless order."""
+    endless = _take(ds, 15, start_step=7)
+    finite = list(pipeline.train_iterator(ds, **_ARGS, start_step=7, num_steps=13))
+    assert len(finite) == 13
+    for x, y in zip(endless, finite):
+        np.testing.assert_array_equal(x["label"], y["label"])

@@ -27,6 +27,10 @@ from lbsgd.data import preprocess
 tf.config.set_visible_devices([], "GPU")
 
 ReadFn = Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
+# A prepared TFDS split at most this large (encoded) is read into memory once when opened and served by
+# tf.gather: per example, one Python call through the array_record source would cost more than the
+# decoding and augmentation (digits: 32 -> 6 ms per 128-image batch on 2 cores).
+IN_MEMORY_MAX_BYTES = 64 << 20
 
 
 class DataError(ValueError):
@@ -104,6 +108,11 @@ def _tfds_split(builder, split: str) -> Split:
             f"`tfds build {builder.name} --file_format=array_record`"
         ) from e
 
+    num_bytes = int(builder.info.splits[split].num_bytes or 0)
+    if 0 < num_bytes <= IN_MEMORY_MAX_BYTES:
+        examples = source.__getitems__(list(range(len(source))))
+        return in_memory_split([ex["image"] for ex in examples], [ex["label"] for ex in examples])
+
     def read_py(i):
         ex = source[int(i)]
         return np.asarray(ex["image"], dtype=object).reshape(()), np.int64(ex["label"])
@@ -113,6 +122,14 @@ def _tfds_split(builder, split: str) -> Split:
         return tf.ensure_shape(image, []), tf.ensure_shape(label, [])
 
     return Split(num_examples=len(source), read=read)
+
+
+def in_memory_split(encoded_images, labels) -> Split:
+    """A :class:`Split` over encoded images held in memory: ``read`` is a ``tf.gather``, so tf.data
+    needs no Python call per example (the bytes, decoding and augmentation are those of the file)."""
+    images = tf.constant(np.asarray(list(encoded_images), dtype=object), tf.string)
+    labels = tf.constant(np.asarray(labels, dtype=np.int64), tf.int64)
+    return Split(num_examples=int(images.shape[0]), read=lambda i: (tf.gather(images, i), tf.gather(labels, i)))
 
 
 def load(name: str, data_dir: str = "") -> Dataset:
@@ -175,29 +192,31 @@ def train_iterator(
     start_step: int,
     augment: str,
     image_size: int,
+    num_steps: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Endless training batches for workers ``first_worker .. first_worker + num_local_workers - 1``.
+    """Training batches for workers ``first_worker .. first_worker + num_local_workers - 1``.
 
     Each element is ``{'image': float32 [m*n, H, W, C], 'label': int32 [m*n]}`` with the m local
-    workers' slices in worker order, starting at global step ``start_step`` (resume = same order).
+    workers' slices in worker order, starting at global step ``start_step`` (resume = same order);
+    ``num_steps`` batches, or endless when None. A run asks for exactly the steps it has left, so the
+    pipeline is idle (and its iterator quick to release) when the last one is taken.
     """
     split, k, n, m = dataset.train, num_workers, per_worker_batch_size, num_local_workers
     spe = order.steps_per_epoch(split.num_examples, k * n)
     if spe == 0:
         raise DataError(f"global batch {k * n} is larger than the {split.num_examples} training examples")
+    first_epoch, first_step = divmod(start_step, spe)
 
-    def indices():
-        step, cached_epoch, batches = start_step, None, None
-        while True:
-            epoch, s = divmod(step, spe)
-            if epoch != cached_epoch:
-                batches, cached_epoch = order.worker_batches(split.num_examples, k, n, seed, epoch), epoch
-            idx = batches[s, first_worker : first_worker + m].reshape(-1)
-            yield idx, np.full_like(idx, epoch)
-            step += 1
+    def epoch_indices(epoch):  # this process's example indices of one epoch, step-major (Remark 4)
+        batches = order.worker_batches(split.num_examples, k, n, seed, int(epoch))
+        return batches[:, first_worker : first_worker + m].reshape(-1).astype(np.int64)
 
-    spec = tf.TensorSpec([m * n], tf.int64)
-    ds = tf.data.Dataset.from_generator(indices, output_signature=(spec, spec)).unbatch()
+    def examples_of(epoch):
+        idx = tf.ensure_shape(tf.numpy_function(epoch_indices, [epoch], tf.int64, stateful=False), [spe * m * n])
+        return tf.data.Dataset.from_tensor_slices((idx, tf.fill([spe * m * n], epoch)))
+
+    # One NumPy call per epoch (not per step or example); no Python generator to finalise at the end.
+    ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(examples_of).skip(first_step * m * n)
     train_fn = preprocess.train_fn(augment, image_size, dataset.channels, dataset.mean, dataset.std)
 
     def load_example(i, epoch):
@@ -207,7 +226,10 @@ def train_iterator(
         return {"image": train_fn(image, rng), "label": tf.cast(label, tf.int32)}
 
     ds = ds.map(load_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(m * n, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(_options())
+    ds = ds.batch(m * n, drop_remainder=True)
+    if num_steps is not None:
+        ds = ds.take(num_steps)
+    ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
     def indices_of(j):
         epoch, s = divmod(start_step + j, spe)
