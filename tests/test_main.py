@@ -445,7 +445,8 @@ def test_sigkill_at_random_moments_and_mid_save_then_resume_gives_the_same_resul
                 before.append(max(checkpoint.steps(str(tmp_path)), default=0))
             if not start and max(checkpoint.steps(str(tmp_path)), default=0) > before[0]:
                 start.append(time.time())  # this run is training (it committed a checkpoint of its own)
-            return bool(start) and time.time() - start[0] >= seconds
+            finished = (tmp_path / "results.json").exists()  # the run wrote its results: let it end
+            return bool(start) and time.time() - start[0] >= seconds and not finished
 
         return ready
 
