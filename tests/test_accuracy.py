@@ -31,15 +31,14 @@ def test_dpsgd_ring_trains_digits_through_main(tmp_path, data_dir):
 
 def test_easgd_and_async_ps_train_digits_through_main(tmp_path, data_dir):
     """k = 8: EASGD with its defaults (β = 0.8, τ = 1, 20 epochs, the default ResNet-8) and the parameter
-    server with gradients up to k − 1 = 7 steps stale (ResNet-20, 40 epochs, momentum 0.5: asynchrony
-    already acts like extra momentum)."""
+    server with gradients up to k − 1 = 7 steps stale (the default ResNet-8, 40 epochs, momentum 0.5:
+    asynchrony already acts like extra momentum; measured 98.33 / 98.61 % on seeds 0 / 1)."""
     cases = {
         "easgd": ["--config.strategy=easgd", "--config.num_epochs=20"],
-        "async_ps": [  # as measured in README: ResNet-20, 40 epochs
+        "async_ps": [  # as in README: 40 epochs (20 reach ~90 %)
             "--config.strategy=async_ps",
             "--config.async_ps.staleness=7",
             "--config.momentum=0.5",
-            "--config.model=resnet20",
             "--config.num_epochs=40",
         ],
     }
