@@ -90,3 +90,41 @@ def test_stems_and_v15_stride_placement():
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown model 'resnet9'"):
         resnet.create_model("resnet9", num_classes=10)
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, stride, padding",
+    [
+        ((3, 2, 2, 128), (3, 3, 128, 8), 1, "SAME"),  # 2x2 output: shifted products
+        ((3, 4, 4, 128), (3, 3, 128, 8), 2, ((1, 1), (1, 1))),  # stride 2 onto 2x2
+        ((3, 4, 4, 128), (1, 1, 128, 8), 2, "VALID"),  # 1x1 projection shortcut onto 2x2
+        ((3, 3, 1, 128), (3, 3, 128, 5), 2, "SAME"),  # 2x1 output, non-square
+        ((3, 4, 4, 128), (3, 3, 128, 8), 1, "SAME"),  # 4x4 output: XLA's convolution
+        ((3, 2, 2, 64), (3, 3, 64, 8), 1, "SAME"),  # too few input channels: XLA's convolution
+    ],
+)
+def test_small_output_convolutions_equal_xla_convolution_with_gradients(shape, kernel, stride, padding):
+    """resnet.conv_general_dilated (shifted matrix products on CPU for <= 4 output positions and >= 128 input
+    channels) gives XLA's convolution and its gradients, and takes the product path exactly where it should."""
+    import jax
+    from jax import lax
+
+    from lbsgd.models import resnet
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=kernel) / np.sqrt(np.prod(kernel[:3])), jnp.float32)  # outputs O(1)
+    dn = lax.conv_dimension_numbers(shape, kernel, ("NHWC", "HWIO", "NHWC"))
+
+    def loss(f):
+        return lambda x, w: jnp.sum(jnp.sin(f(x, w, (stride, stride), padding, dimension_numbers=dn)))
+
+    want = lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=dn)
+    got = resnet.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=dn)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))  # a wrong tap: O(1)
+    grads = jax.grad(loss(resnet.conv_general_dilated), (0, 1))(x, w), jax.grad(loss(lax.conv_general_dilated), (0, 1))(x, w)
+    for a, b in zip(*grads):  # float32 rounding of sums of up to 1,152 products: relative to the largest entry
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+    prims = {e.primitive.name for e in jax.make_jaxpr(loss(resnet.conv_general_dilated))(x, w).jaxpr.eqns}
+    products = want.shape[1] * want.shape[2] <= resnet.SMALL_CONV_POSITIONS and shape[-1] >= resnet.SMALL_CONV_MIN_CHANNELS
+    assert ("conv_general_dilated" in prims) != products, prims

@@ -40,11 +40,13 @@ class DataError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Split:
     """A random-access split: ``read(int64 index) -> (encoded image: tf.string, label: tf.int64)``;
-    ``describe(index)`` names the example (a file path) in error messages when the split can."""
+    ``describe(index)`` names the example (a file path) in error messages when the split can;
+    ``in_memory``: the encoded images are held in memory (``in_memory_split``)."""
 
     num_examples: int
     read: ReadFn
     describe: Callable[[int], str] | None = None
+    in_memory: bool = False
 
 
 def _first_line(error: Exception) -> str:
@@ -129,7 +131,8 @@ def in_memory_split(encoded_images, labels) -> Split:
     needs no Python call per example (the bytes, decoding and augmentation are those of the file)."""
     images = tf.constant(np.asarray(list(encoded_images), dtype=object), tf.string)
     labels = tf.constant(np.asarray(labels, dtype=np.int64), tf.int64)
-    return Split(num_examples=int(images.shape[0]), read=lambda i: (tf.gather(images, i), tf.gather(labels, i)))
+    read = lambda i: (tf.gather(images, i), tf.gather(labels, i))  # noqa: E731
+    return Split(num_examples=int(images.shape[0]), read=read, in_memory=True)
 
 
 def load(name: str, data_dir: str = "") -> Dataset:
@@ -180,10 +183,13 @@ def _plain_tf(fn: Callable) -> Callable:
     return tf.autograph.experimental.do_not_convert(fn)
 
 
-def _options() -> tf.data.Options:
+def _options(autotune: bool) -> tf.data.Options:
+    """Deterministic order; tf.data's autotuning for splits read from files. A split held in memory runs
+    with fixed parallelism instead (AUTOTUNE values fall back to the core count): its pipeline is cheap,
+    and with autotuning on, the end of its stream arrived 9-10 s late in about one digits run of three."""
     opts = tf.data.Options()
     opts.deterministic = True
-    opts.autotune.enabled = True
+    opts.autotune.enabled = autotune
     return opts
 
 
@@ -237,7 +243,7 @@ def train_iterator(
     ds = ds.batch(m * n, drop_remainder=True)
     if num_steps is not None:
         ds = ds.take(num_steps)
-    ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+    ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options(autotune=not split.in_memory))
 
     def indices_of(j):
         epoch, s = divmod(start_step + j, spe)
@@ -267,6 +273,7 @@ def eval_iterator(
 
     ds = tf.data.Dataset.from_tensor_slices((idx, mask))
     ds = ds.map(load_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(num_local_slots, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(_options())
+    ds = ds.batch(num_local_slots, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    ds = ds.with_options(_options(autotune=not split.in_memory))
     indices_of = lambda j: idx[j * num_local_slots : (j + 1) * num_local_slots]  # noqa: E731
     return _checked(ds.as_numpy_iterator(), split, dataset.name, indices_of)
