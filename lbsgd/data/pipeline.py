@@ -245,9 +245,9 @@ def train_iterator(
         ds = ds.take(num_steps)
     ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options(autotune=not split.in_memory))
 
-    def indices_of(j):
+    def indices_of(j):  # the split indices of batch j, for error messages
         epoch, s = divmod(start_step + j, spe)
-        return order.worker_batches(split.num_examples, k, n, seed, epoch)[s, first_worker : first_worker + m].reshape(-1)
+        return epoch_indices(epoch)[s * m * n : (s + 1) * m * n]
 
     return _checked(ds.as_numpy_iterator(), split, dataset.name, indices_of)
 
