@@ -45,18 +45,39 @@ def quiet_native_logs() -> None:
 def fail(message: str, code: int = EXIT_USAGE, now: bool = False) -> None:
     """Print ``lbsgd: error: <message>`` on stderr (one line) and exit with ``code`` (2: bad input).
 
-    ``now``: leave without interpreter teardown (``os._exit``, after flushing). Once JAX, tf.data and
-    orbax have started threads, tearing down the interpreter can print their errors ("Event loop is
-    closed" tracebacks from a failed checkpoint read) or abort in C++ ("terminate called without an
-    active exception"), which would bury the one line and change the exit status. Everything worth
-    keeping (checkpoints, events) is committed before these errors are raised.
+    ``now``: leave without interpreter teardown (``leave``): once JAX, tf.data and orbax have started
+    threads, their teardown can print errors ("Event loop is closed" tracebacks from a failed
+    checkpoint read) or abort in C++ ("terminate called without an active exception"), which would
+    bury the one line and change the exit status.
     """
     print(f"lbsgd: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
     if now:
-        logging.shutdown()
-        sys.stdout.flush()
-        os._exit(code)
+        leave(code, together=False)
     sys.exit(code)
+
+
+def leave(code: int, together: bool = True) -> None:
+    """Exit with ``code`` now, without interpreter teardown, after flushing logs and output.
+
+    Called once training has committed everything worth keeping (checkpoints, events, results.json)
+    or failed after committing it. Tearing down JAX's, TensorFlow's and orbax's native state takes
+    about a second on CPU (1.2 s of a 14 s short run, measured) and can abort in C++; none of it
+    writes anything. ``together`` (every process ends here at the same step: finished, or stopped
+    together by a signal): a multi-process run first leaves ``jax.distributed``, whose shutdown waits
+    for every process, so no process outlives the coordinator its peers still talk to. A failure of
+    one process does not wait for the others.
+    """
+    if together and "jax" in sys.modules:
+        import jax
+
+        try:
+            jax.distributed.shutdown()  # a no-op unless this is a multi-process run
+        except Exception:  # noqa: BLE001 - a peer already gone: leave anyway, with our own status
+            pass
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _flag_value(argv: list[str], name: str) -> str | None:
@@ -169,7 +190,7 @@ def main(argv) -> None:
         fail(str(e), now=True)
     except train.Interrupted as e:
         print(f"lbsgd: {e}", file=sys.stderr, flush=True)
-        sys.exit(e.exit_code)
+        leave(e.exit_code)
     except train.NonFinite as e:
         fail(
             f"{e}; lower the learning rate or set --config.on_nonfinite=skip, then rerun the same command "
@@ -177,6 +198,7 @@ def main(argv) -> None:
             code=e.exit_code,
             now=True,
         )
+    leave(0)
 
 
 def _die_with_parent() -> None:

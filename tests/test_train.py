@@ -457,3 +457,21 @@ def test_train_step_compiles_once_across_logging_evaluation_checkpoints_and_resu
     train_steps, eval_steps = made[0::2], made[1::2]
     assert [f._cache_size() for f in train_steps] == [1, 1]
     assert [f._cache_size() for f in eval_steps] == [1, 1]
+
+
+def test_init_program_at_cpu_level_1_gives_bitwise_the_default_compile_s_state(monkeypatch):
+    """create_train_state compiles its one-off program with INIT_CPU_COMPILER_OPTIONS (faster to compile);
+    the parameters, BN statistics and optimizer state must be bitwise those of XLA's default options."""
+    from lbsgd.models import resnet
+
+    model, image_shape = resnet.create_model("resnet8", num_classes=10, width=8), (8, 8, 1)
+    tx = optim.goyal_sgd(0.1, momentum=0.9, weight_decay=1e-4)
+    lay = layout_lib.make_layout(K, 2)
+    got = train.create_train_state(model, tx, lay, image_shape, seed=5)
+    assert train.init_compiler_options("cpu") == train.INIT_CPU_COMPILER_OPTIONS != {}
+    monkeypatch.setattr(train, "init_compiler_options", lambda platform: {})  # XLA's defaults
+    want = train.create_train_state(model, tx, lay, image_shape, seed=5)
+    got_leaves, want_leaves = jax.tree.leaves(got), jax.tree.leaves(want)
+    assert len(got_leaves) == len(want_leaves) > 10
+    for a, b in zip(got_leaves, want_leaves):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
