@@ -835,6 +835,26 @@ def noise_results(state: TrainState) -> dict[str, float | None]:
     return {key: float(value) for key, value in jax.device_get(noise_scale_lib.read(state.noise)).items()}
 
 
+def previous_train_metrics(workdir: str, step: int) -> dict[str, Any]:
+    """The last step's training metrics as ``WORKDIR/results.json`` recorded them when the run reached
+    ``step`` (a finished run started again has no step of its own to report); ``{}`` when that file is
+    missing, unreadable or from another step (results.json then has ``train_loss: null``)."""
+    try:
+        with open(os.path.join(workdir, "results.json")) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(old, dict) or old.get("steps") != step:
+        return {}
+    metrics = {key[len("train_"):]: value for key, value in old.items() if key.startswith("train_")}
+    metrics.pop("s", None)  # train_s: the time, not a step metric
+    return metrics
+
+
+def _float_or_none(value) -> float | None:
+    return None if value is None else float(value)
+
+
 def write_results(run: Run, result: LoopResult, eval_step, consensus_fn) -> dict[str, Any]:
     """The final results (evaluating the state if the loop had nothing left to do); the chief writes
     ``WORKDIR/results.json`` atomically."""
@@ -842,7 +862,9 @@ def write_results(run: Run, result: LoopResult, eval_step, consensus_fn) -> dict
     eval_metrics = result.eval_metrics
     if eval_metrics is None:  # nothing left to train (resumed a finished run): evaluate the final state
         eval_metrics = evaluate_run(run, eval_step, consensus_fn, state, int(state.step))
-    last_metrics = result.last_metrics if result.last_metrics is not None else {"loss": float("nan")}
+    last_metrics = result.last_metrics
+    if last_metrics is None:  # no step ran here: the training figures are those of the run that ended here
+        last_metrics = previous_train_metrics(run.workdir, int(state.step))
     k, n = config.num_workers, config.per_worker_batch_size
     kn = k * n
     results = {
@@ -851,7 +873,7 @@ def write_results(run: Run, result: LoopResult, eval_step, consensus_fn) -> dict
         "eval_top1_error": 1.0 - float(eval_metrics["eval_accuracy"]),
         "eval_top5_error": 1.0 - float(eval_metrics["eval_top5_accuracy"]),
         "eval_examples": int(eval_metrics["eval_examples"]),
-        "train_loss": float(last_metrics["loss"]),  # loss of the last step, over its kn examples
+        "train_loss": _float_or_none(last_metrics.get("loss")),  # loss of the last step, over its kn examples
         "steps": int(state.step),
         "epochs": int(state.step) / run.steps_per_epoch,
         "global_batch_size": kn,
