@@ -93,3 +93,15 @@ def run_module(module, *args, env=None, timeout=300):
 def run_main(*args, env=None, timeout=300):
     """Run ``python -m lbsgd.main <args>`` in a subprocess."""
     return run_module("lbsgd.main", *args, env=env, timeout=timeout)
+
+
+# The modules that take longest, first: the two test processes (setup.cfg: --dist loadscope) take whole
+# modules in this order, so the short ones fill in at the end instead of one long module running alone.
+SLOW_FIRST = ("test_main.py", "test_multiprocess.py", "test_accuracy.py", "test_notebooks.py", "test_sweep.py",
+              "test_strategies.py", "test_imagenet.py", "test_train.py", "test_compare.py")
+
+
+def pytest_collection_modifyitems(items):
+    """Order the modules slowest first (``SLOW_FIRST``), the rest after them as collected."""
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(SLOW_FIRST)))
