@@ -118,8 +118,14 @@ def create_train_state(
 
     abstract = jax.eval_shape(init)
     shardings = jax.tree.map(layout.sharding, state_specs(abstract, strategy))
-    lowered = jax.jit(init, out_shardings=shardings).lower()
-    return lowered.compile(compiler_options=init_compiler_options(layout.devices[0].platform))()
+    return run_once(init, out_shardings=shardings, platform=layout.devices[0].platform)
+
+
+def run_once(fn, out_shardings=None, platform: str | None = None):
+    """Compile ``fn`` (no arguments; e.g. a model's ``init``) with ``init_compiler_options`` for
+    ``platform`` (default: JAX's default backend) and run it once."""
+    lowered = jax.jit(fn, out_shardings=out_shardings).lower()
+    return lowered.compile(compiler_options=init_compiler_options(platform or jax.default_backend()))()
 
 
 INIT_CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}

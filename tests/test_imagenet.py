@@ -249,7 +249,7 @@ def test_bottleneck_zero_gamma_and_no_weight_decay_on_bn():
     seconds on CPU, and the blocks' code is the same. (Basic blocks and the fc init: tests/test_models.py.)
     """
     model = resnet.ResNet(stage_sizes=(1, 2, 1, 1), block="bottleneck", num_classes=1000, width=8)
-    params = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))()["params"]
+    params = train.run_once(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))["params"]
     blocks = [k for k in params if k.startswith("BottleneckBlock")]
     assert len(blocks) == 5
     for b in blocks:

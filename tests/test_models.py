@@ -6,12 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lbsgd import train
 from lbsgd.models import resnet
 
 
 def _init(name, size, **kw):
     model = resnet.create_model(name, num_classes=kw.pop("num_classes", 10), **kw)
-    variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), train=False))()
+    variables = train.run_once(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), train=False))
     return model, variables
 
 
