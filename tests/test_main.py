@@ -6,8 +6,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -15,7 +13,6 @@ import numpy as np
 import pytest
 
 import forkrun
-from conftest import REPO
 
 ABSL_LOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d")  # an absl log line (progress), not an error message
 from lbsgd import checkpoint
@@ -143,12 +140,21 @@ def _make_bad_files(tmp):
 _RUNNER = []
 
 
+def _runner():
+    if not _RUNNER:
+        _RUNNER.append(forkrun.ForkRunner())
+    return _RUNNER[0]
+
+
 def run_forked(*args):
     """``lbsgd.main`` with ``args``, run through ``lbsgd.main.run()`` (the console script's entry) in a fresh
     process forked from one that has imported the libraries (``forkrun``: ~0.1 s to start instead of ~5 s)."""
-    if not _RUNNER:
-        _RUNNER.append(forkrun.ForkRunner())
-    return _RUNNER[0].run(*args)
+    return _runner().run(*args)
+
+
+def start_forked(*args, stderr=None):
+    """``run_forked`` without waiting: a handle to signal, ``poll`` and ``wait`` (``subprocess.Popen``'s)."""
+    return _runner().start(*args, stderr=stderr)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -282,8 +288,7 @@ def test_main_job_writes_results_events_and_checkpoints(reference_run):
 @pytest.mark.parametrize("strategy", sorted(set(STRATEGY_ARGS) - {"allreduce"}))  # allreduce: fault injection below
 def test_killed_run_resumes_to_the_same_result(reference_runs, tmp_path, data_dir, strategy):
     _, want = reference_runs(strategy)
-    args = [sys.executable, "-m", "lbsgd.main", *_short_args(tmp_path, data_dir, strategy)]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_forked(*_short_args(tmp_path, data_dir, strategy))
     ckpts = tmp_path / "checkpoints"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -315,16 +320,14 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step_and_rerun_resumes(tmp_pa
         "--config.log_every_steps=2",
     ]
     err_path = tmp_path / "stderr.txt"
-    with open(err_path, "w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lbsgd.main", *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=err
-        )
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None and "train_loss" not in err_path.read_text():
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be stopped"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    err_path.write_text("")
+    proc = start_forked(*args, stderr=str(err_path))
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and "train_loss" not in err_path.read_text():
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     last = [ln for ln in err_path.read_text().splitlines() if ln.startswith("lbsgd:")][-1]
     assert "stopped by SIGTERM after step" in last and "rerun the same command" in last, last
     step = int(last.split("after step ")[1].split(";")[0])
@@ -476,7 +479,7 @@ def test_sigkill_at_random_moments_and_mid_save_then_resume_gives_the_same_resul
     _, want = reference_run
     rng = np.random.default_rng(13)
     ckpts = tmp_path / "checkpoints"
-    args = [sys.executable, "-m", "lbsgd.main", *_short_args(tmp_path, data_dir)]
+    args = _short_args(tmp_path, data_dir)
 
     def saving():  # orbax writes <step>.orbax-checkpoint-tmp* and renames it when complete
         return ckpts.exists() and any("tmp" in d for d in os.listdir(ckpts))
@@ -497,7 +500,7 @@ def test_sigkill_at_random_moments_and_mid_save_then_resume_gives_the_same_resul
     plans = [("mid-save", saving)] + [(f"random {t:.2f} s", after(t)) for t in rng.uniform(0.0, 1.5, size=2)]
     killed = []
     for name, ready in plans:
-        proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = start_forked(*args)
         if _kill_when(proc, ready):
             killed.append((name, checkpoint.steps(str(tmp_path))))
     print("killed:", killed)
