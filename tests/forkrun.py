@@ -19,6 +19,7 @@ import importlib
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -124,9 +125,10 @@ class ForkRunner:
         return json.loads(line)
 
     def close(self) -> None:
-        """Stop the server."""
+        """Stop the server and remove the runs' output files."""
         self._proc.stdin.close()
         self._proc.wait(timeout=60)
+        shutil.rmtree(self._tmp, ignore_errors=True)
 
 
 
