@@ -1,6 +1,7 @@
 """k workers anywhere (issue #5): the same run on any device count, with accumulation, and on several processes."""
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -148,7 +149,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_dead_peer_survivor_exits_with_clear_message_and_the_run_resumes(tmp_path, data_dir):
+def test_dead_peer_survivor_exits_with_clear_message_and_the_run_resumes(tmp_path, data_dir, caplog):
     port = _free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONUNBUFFERED="1")
     args = [
@@ -198,7 +199,9 @@ def test_dead_peer_survivor_exits_with_clear_message_and_the_run_resumes(tmp_pat
     # the same workers; the 2-process resume is the SIGTERM test's below).
     saved = checkpoint.steps(str(tmp_path))
     assert saved and saved[-1] >= 8
-    results = train.train_and_evaluate(tiny_config(data_dir, num_epochs=1, checkpoint_every_steps=4), str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="lbsgd"):
+        results = train.train_and_evaluate(tiny_config(data_dir, num_epochs=1, checkpoint_every_steps=4), str(tmp_path))
+    assert f"resumed from checkpoint at step {saved[-1]}" in caplog.text
     assert results["steps"] == 1437 // 32 and np.isfinite(results["train_loss"])
     assert (tmp_path / "results.json").exists()
 
