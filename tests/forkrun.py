@@ -2,12 +2,14 @@
 
 ``python tests/forkrun.py`` imports ``lbsgd.main`` and the libraries a run imports (JAX, TensorFlow,
 TFDS, orbax, clu; no JAX backend is started, no device touched), then reads one JSON request per line
-on stdin — ``{"argv": [...], "stdout": path, "stderr": path}`` — and answers each with two lines,
-``{"pid": int}`` when it starts and ``{"returncode": int}`` when it ends. Every request runs in a fresh child forked from that state: the child's
-standard output and error go to the given files and it calls ``lbsgd.main.run()`` — the console
-script's entry — with ``sys.argv`` set, so flags, validation, the one-line errors and exit statuses
-are the real program's. Only the imports are shared; each child parses its flags and starts JAX's
-backend (with the inherited ``XLA_FLAGS``) on its own. A run takes ~0.1 s instead of ~1-5 s.
+on stdin — ``{"argv": [...], "stdout": path, "stderr": path, "env": {...}}`` — and starts each in a
+fresh child forked from that state, answering ``{"pid": int}`` at once and ``{"pid": int,
+"returncode": int}`` when the child ends; several runs may be under way at once (the processes of a
+multi-process run). The child sets ``env`` in its environment, sends its standard output and error to
+the given files and calls ``lbsgd.main.run()`` — the console script's entry — with ``sys.argv`` set,
+so flags, validation, the one-line errors and exit statuses are the real program's. Only the imports
+are shared; each child parses its flags and starts JAX's backend on its own (reading ``XLA_FLAGS``, so
+``env`` may set its simulated device count). A run takes ~0.1 s to start instead of ~1-5 s.
 
 ``ForkRunner`` is the test side: ``run(argv) -> subprocess.CompletedProcess``, or ``start(argv)`` -> a
 ``ForkedRun`` to signal (kill tests) and ``poll``/``wait`` like ``subprocess.Popen``.
@@ -31,6 +33,31 @@ PRELOAD = ("jax", "tensorflow", "tensorflow_datasets", "orbax.checkpoint", "clu.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _child(request: dict, main) -> None:
+    """In the forked child: one ``lbsgd.main`` run as ``request`` asks; never returns."""
+    code = 1
+    try:
+        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(target, fd)
+            os.close(target)
+        sys.stdin.close()
+        os.environ.update(request.get("env") or {})
+        sys.argv = ["lbsgd.main", *request["argv"]]
+        main.run()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 - an uncaught error is the program's: show its traceback
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def _serve() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -39,38 +66,32 @@ def _serve() -> None:
         importlib.import_module(name)
     from lbsgd import main
 
-    answer = sys.stdout
-    for line in sys.stdin:
-        request = json.loads(line)
+    def answer(reply: dict) -> None:
+        sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # the child: one lbsgd.main run
-            code = 1
-            try:
-                for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-                    target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                    os.dup2(target, fd)
-                    os.close(target)
-                sys.stdin.close()
-                sys.argv = ["lbsgd.main", *request["argv"]]
-                main.run()
-                code = 0
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            except BaseException:  # noqa: BLE001 - an uncaught error is the program's: show its traceback
-                import traceback
 
-                traceback.print_exc()
-            finally:
+    running, pending, closed = set(), b"", False
+    while not closed or running:
+        if not closed and select.select([sys.stdin], [], [], 0.02 if running else None)[0]:
+            chunk = os.read(sys.stdin.fileno(), 65536)
+            closed = not chunk
+            pending += chunk
+            while b"\n" in pending:
+                line, pending = pending.split(b"\n", 1)
                 sys.stdout.flush()
                 sys.stderr.flush()
-                os._exit(code)
-        answer.write(json.dumps({"pid": pid}) + "\n")
-        answer.flush()
-        _, status = os.waitpid(pid, 0)
-        answer.write(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n")
-        answer.flush()
+                pid = os.fork()
+                if pid == 0:
+                    _child(json.loads(line), main)
+                running.add(pid)
+                answer({"pid": pid})
+        elif closed:
+            time.sleep(0.02)
+        for pid in list(running):
+            ended, status = os.waitpid(pid, os.WNOHANG)
+            if ended:
+                running.discard(pid)
+                answer({"pid": pid, "returncode": os.waitstatus_to_exitcode(status)})
 
 
 class ForkRunner:
@@ -85,33 +106,38 @@ class ForkRunner:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             bufsize=0,  # replies are read with os.read: a line Python buffered would be invisible to select
-            start_new_session=True,  # its own process group: a timeout stops the server and its child
+            start_new_session=True,  # its own process group: a timeout stops the server and its children
         )
         self._count = 0
         self._buffer = b""
-        self._active = None
+        self._ended = {}  # pid -> exit status, as the server reported them
 
-    def start(self, *argv: str, stdout: str | None = None, stderr: str | None = None) -> "ForkedRun":
-        """Start ``lbsgd.main`` with ``argv`` and return at once (one run at a time per server); its output
-        goes to the files ``stdout`` / ``stderr`` (default: files of the server's own)."""
-        if self._active is not None:  # one run at a time: its exit status is the next reply
-            self._active.wait()
+    def start(self, *argv: str, stdout: str | None = None, stderr: str | None = None,
+              env: dict | None = None) -> "ForkedRun":
+        """Start ``lbsgd.main`` with ``argv`` (and ``env`` added to its environment) and return at once; its
+        output goes to the files ``stdout`` / ``stderr`` (default: files of the server's own)."""
         self._count += 1
         out = stdout or os.path.join(self._tmp, f"{self._count}.out")
         err = stderr or os.path.join(self._tmp, f"{self._count}.err")
-        self._proc.stdin.write((json.dumps({"argv": list(argv), "stdout": out, "stderr": err}) + "\n").encode())
-        self._active = ForkedRun(self, ["lbsgd.main", *argv], int(self._reply(60)["pid"]), out, err)
-        return self._active
+        request = {"argv": list(argv), "stdout": out, "stderr": err, "env": dict(env or {})}
+        self._proc.stdin.write((json.dumps(request) + "\n").encode())
+        while True:
+            reply = self._reply(60)
+            if reply is None:
+                raise RuntimeError("the forkrun server did not start a run within 60 s")
+            if "returncode" not in reply:
+                return ForkedRun(self, ["lbsgd.main", *argv], int(reply["pid"]), out, err)
 
-    def run(self, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    def run(self, *argv: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
         """Run ``lbsgd.main`` with ``argv``; stdout and stderr come back as text, as ``subprocess.run``'s.
         A run longer than ``timeout`` seconds stops the server and raises ``subprocess.TimeoutExpired``."""
-        started = self.start(*argv)
+        started = self.start(*argv, env=env)
         started.wait(timeout)
         return started.completed()
 
     def _reply(self, timeout: float | None) -> dict | None:
-        """The server's next line, or None if none came within ``timeout`` seconds (None: wait)."""
+        """The server's next line, or None if none came within ``timeout`` seconds (None: wait); an exit
+        status is also kept in ``_ended``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         fd = self._proc.stdout.fileno()
         while b"\n" not in self._buffer:
@@ -122,14 +148,37 @@ class ForkRunner:
                 raise RuntimeError(f"the forkrun server died (exit status {self._proc.wait()})")
             self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)
-        return json.loads(line)
+        reply = json.loads(line)
+        if "returncode" in reply:
+            self._ended[int(reply["pid"])] = int(reply["returncode"])
+        return reply
+
+    def _status(self, pid: int, timeout: float | None) -> int | None:
+        """The exit status of run ``pid``, waiting up to ``timeout`` seconds (0: only what has arrived)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while pid not in self._ended:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if self._reply(left) is None:
+                return None
+        return self._ended[pid]
+
+    def dead(self) -> bool:
+        """True once the server has exited (``kill``, or a crash)."""
+        return self._proc.poll() is not None
+
+    def kill(self) -> None:
+        """Stop the server and every run it started, now (SIGKILL to its process group)."""
+        try:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def close(self) -> None:
-        """Stop the server and remove the runs' output files."""
-        self._proc.stdin.close()
-        self._proc.wait(timeout=60)
+        """Stop the server (after its runs end) and remove the runs' output files."""
+        if not self.dead():
+            self._proc.stdin.close()
+            self._proc.wait(timeout=60)
         shutil.rmtree(self._tmp, ignore_errors=True)
-
 
 
 class ForkedRun:
@@ -142,20 +191,17 @@ class ForkedRun:
     def poll(self) -> int | None:
         """The exit status if the run has ended, else None."""
         if self.returncode is None:
-            reply = self._runner._reply(0)
-            if reply is not None:
-                self.returncode = reply["returncode"]
+            self.returncode = self._runner._status(self.pid, 0)
         return self.returncode
 
     def wait(self, timeout: float = 300) -> int:
-        """Wait for the end and return the exit status; after ``timeout`` seconds stop the server and raise
-        ``TimeoutExpired``."""
+        """Wait for the end and return the exit status; after ``timeout`` seconds stop the server and its
+        runs and raise ``TimeoutExpired``."""
         if self.returncode is None:
-            reply = self._runner._reply(timeout)
-            if reply is None:
-                os.killpg(self._runner._proc.pid, signal.SIGKILL)
+            self.returncode = self._runner._status(self.pid, timeout)
+            if self.returncode is None:
+                self._runner.kill()
                 raise subprocess.TimeoutExpired(self.args, timeout)
-            self.returncode = reply["returncode"]
         return self.returncode
 
     def send_signal(self, signum: int) -> None:

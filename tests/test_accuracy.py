@@ -1,9 +1,10 @@
 """Acceptance runs through the real CLI: D-PSGD on a ring >= 98 % (issue #9); EASGD and the asynchronous
-parameter server >= 97 % (issue #10), on the digits with k = 8 workers x n = 16."""
+parameter server >= 97 % (issue #10), on the digits with k = 8 workers x n = 16. Each run is ``lbsgd.main.run()``,
+the console script's entry, in a process forked from one that has imported the libraries (``forkrun``)."""
 
 import json
 
-from conftest import run_main
+from conftest import fork_runner
 
 
 def test_dpsgd_ring_trains_digits_through_main(tmp_path, data_dir):
@@ -11,7 +12,7 @@ def test_dpsgd_ring_trains_digits_through_main(tmp_path, data_dir):
 
     20 epochs (the budget of the README's comparison table, where every strategy reaches >= 98.3 %).
     """
-    proc = run_main(
+    proc = fork_runner().run(
         "--config=experiments/digits.py",
         f"--workdir={tmp_path}",
         f"--config.data_dir={data_dir}",
@@ -43,7 +44,7 @@ def test_easgd_and_async_ps_train_digits_through_main(tmp_path, data_dir):
         ],
     }
     for name, args in cases.items():
-        proc = run_main(
+        proc = fork_runner().run(
             "--config=experiments/digits.py",
             f"--workdir={tmp_path / name}",
             f"--config.data_dir={data_dir}",

@@ -272,14 +272,16 @@ def test_eval_center_crop_is_deterministic_and_centred(encode, tol):
 
 
 def test_folder_dataset_trains_end_to_end(image_folder, tmp_path):
-    """The ImageNet config on a folder: a small ResNet-18 at 64x64, k=2 x n=4 on 2 devices, 3 steps + eval."""
+    """The ImageNet config on a folder (loader, inception crops, bf16, eval) with the smallest ResNet (the
+    model is not the subject: ResNet-18 and -50 are test_models.py's and test_imagenet.py's) at 64x64, k=2 x n=4
+    on 2 devices, 3 steps + eval."""
     from test_imagenet import load_config
 
     from lbsgd import train, validate
 
     c = load_config("imagenet_256.py")
     c.dataset = f"folder:{image_folder}"
-    c.model, c.model_width, c.image_size = "resnet18", 8, 64
+    c.model, c.model_width, c.image_size = "resnet8", 8, 64
     c.num_workers, c.per_worker_batch_size, c.num_devices = 2, 4, 2
     c.max_steps, c.eval_batch_size, c.log_every_steps = 3, 4, 1
     validate.check_config(c)

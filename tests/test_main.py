@@ -12,10 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-import forkrun
+from conftest import fork_runner
+from lbsgd import checkpoint
 
 ABSL_LOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d")  # an absl log line (progress), not an error message
-from lbsgd import checkpoint
 
 DIGITS = "--config=experiments/digits.py"
 TINY = [
@@ -137,31 +137,15 @@ def _make_bad_files(tmp):
     }
 
 
-_RUNNER = []
-
-
-def _runner():
-    if not _RUNNER:
-        _RUNNER.append(forkrun.ForkRunner())
-    return _RUNNER[0]
-
-
 def run_forked(*args):
     """``lbsgd.main`` with ``args``, run through ``lbsgd.main.run()`` (the console script's entry) in a fresh
     process forked from one that has imported the libraries (``forkrun``: ~0.1 s to start instead of ~5 s)."""
-    return _runner().run(*args)
+    return fork_runner().run(*args)
 
 
 def start_forked(*args, stderr=None):
     """``run_forked`` without waiting: a handle to signal, ``poll`` and ``wait`` (``subprocess.Popen``'s)."""
-    return _runner().start(*args, stderr=stderr)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _stop_runner():
-    yield
-    while _RUNNER:
-        _RUNNER.pop().close()
+    return fork_runner().start(*args, stderr=stderr)
 
 
 @pytest.fixture(scope="module")

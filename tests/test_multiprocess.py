@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, run_module, tiny_config
+from conftest import REPO, fork_runner, run_module, tiny_config
 from lbsgd import checkpoint, train
 
 STEPS = 6
@@ -50,10 +50,25 @@ def _launch(args, timeout=400):
     return run_module("lbsgd.launch", *args, timeout=timeout)
 
 
-LAYOUTS = {  # name: (num_devices, accumulation_steps) in this 8-device process
-    "4 devices": (4, 1),
+def _two_processes(args, devices_per_process=4, timeout=300):
+    """``lbsgd.main`` ``args`` as process 0 and 1 of a 2-process run on this machine, as ``lbsgd.launch`` starts
+    them (``devices_per_process`` simulated CPU devices each, a free coordinator port) but forked from the
+    test process's ``forkrun`` server, without the supervisor (``lbsgd.launch`` and the supervisor are the
+    subject of their own tests below). Returns both ``CompletedProcess``es."""
+    runner = fork_runner()
+    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}", "LBSGD_SUPERVISED": "1"}
+    coordinator = [f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2", "--heartbeat_timeout_s=30"]
+    procs = [runner.start(*args, *coordinator, f"--process_id={i}", env=env) for i in range(2)]
+    deadline = time.time() + timeout
+    for p in procs:
+        p.wait(max(1.0, deadline - time.time()))
+    return [p.completed() for p in procs]
+
+
+LAYOUTS = {  # name: (num_devices, accumulation_steps) in this 8-device process. The whole run (data placement,
+    # eval, checkpoint) with several workers per device, and with accumulation; the step alone on every
+    # layout (8, 4, 2, 1 devices, 1 x 4 and 2 x 2 microsteps): test_train.py.
     "2 devices": (2, 1),
-    "1 device": (1, 1),
     "1 device, 4 accumulation microsteps": (1, 4),
 }
 
@@ -77,21 +92,18 @@ def test_same_run_on_fewer_devices(reference, tmp_path, data_dir, name):
 def test_same_run_on_two_processes(reference, tmp_path, data_dir):
     """2 processes x 2 devices x 2 workers each (2 x 4 devices: the strategies' test below)."""
     devices_per_process = 2
-    proc = _launch(
+    procs = _two_processes(
         [
-            "--num_processes=2",
-            f"--devices_per_process={devices_per_process}",
-            "--",
             *TINY_ARGS,
             f"--workdir={tmp_path}",
             f"--config.data_dir={data_dir}",
             f"--config.max_steps={STEPS}",
             "--config.num_epochs=1",
             f"--config.checkpoint_every_steps={STEPS}",
-        ]
+        ],
+        devices_per_process,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert "[p0]" in proc.stdout and "[p1]" in proc.stdout
+    assert [p.returncode for p in procs] == [0, 0], [p.stderr[-2000:] for p in procs]
     (want, want_params), (got, got_params) = reference, _summary(tmp_path)
     assert got["processes"] == 2 and got["devices"] == 2 * devices_per_process
     for field in ("train_loss", "eval_loss", "eval_accuracy"):
@@ -118,11 +130,8 @@ def test_strategy_same_run_on_two_processes(tmp_path_factory, data_dir, name):
         *parents, leaf = key.split(".")
         (config[parents[0]] if parents else config)[leaf] = value
     train.train_and_evaluate(config, str(ref_dir))
-    proc = _launch(
+    procs = _two_processes(
         [
-            "--num_processes=2",
-            "--devices_per_process=4",
-            "--",
             *TINY_ARGS,
             f"--workdir={mp_dir}",
             f"--config.data_dir={data_dir}",
@@ -132,7 +141,7 @@ def test_strategy_same_run_on_two_processes(tmp_path_factory, data_dir, name):
             *[f"--config.{key}={value}" for key, value in overrides.items()],
         ]
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert [p.returncode for p in procs] == [0, 0], [p.stderr[-2000:] for p in procs]
     (want, want_state), (got, got_state) = _summary(ref_dir), _summary(mp_dir)
     assert got["processes"] == 2 and got["strategy"] == name
     for field in ("train_loss", "eval_loss", "eval_accuracy", "consensus_distance"):
