@@ -112,6 +112,15 @@ def _stop_fork_runner():
         _FORK_RUNNER.pop().close()
 
 
+def main_here(module, args, capsys):
+    """``python -m <module> <args>`` run in this test process by calling ``module.main(args)`` (for
+    ``lbsgd.sweep`` and ``lbsgd.compare``: their runs are still ``lbsgd.main`` subprocesses); returns a
+    ``CompletedProcess`` with the captured output."""
+    code = module.main(args)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess([module.__name__, *args], code, out, err)
+
+
 def run_main(*args, env=None, timeout=300):
     """Run ``python -m lbsgd.main <args>`` in a subprocess."""
     return run_module("lbsgd.main", *args, env=env, timeout=timeout)

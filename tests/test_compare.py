@@ -2,11 +2,10 @@
 
 import csv
 import os
-import subprocess
 
 import pytest
 
-from conftest import REPO, run_module
+from conftest import REPO, main_here, run_module
 from lbsgd import commcost, compare, strategies
 
 
@@ -39,18 +38,11 @@ TINY = ["--override", "model=resnet8", "--override", "model_width=8", "--overrid
         "--override", "max_steps=3", "--override", "checkpoint_every_steps=3"]
 
 
-def _compare_here(args, capsys):
-    """``python -m lbsgd.compare`` in this process (its runs are still ``lbsgd.main`` subprocesses)."""
-    code = compare.main(args)
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(["lbsgd.compare", *args], code, out, err)
-
-
 def test_compare_writes_outputs_and_resumes_without_rerunning(tmp_path, data_dir, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     args = ["--config=experiments/digits.py", f"--workdir={tmp_path}", "--workers=8", "--seeds=0",
             "--strategies=allreduce,easgd tau=10", "--num_epochs=1", "--override", f"data_dir={data_dir}", *TINY]
-    first = _compare_here(args, capsys)
+    first = main_here(compare, args, capsys)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     assert "[1/2] allreduce, k=8, seed 0" in first.stdout and "[2/2] easgd tau=10" in first.stdout
     results = [tmp_path / d / "results.json" for d in ("allreduce_k8_seed0", "easgd_tau_10_k8_seed0")]
@@ -63,7 +55,7 @@ def test_compare_writes_outputs_and_resumes_without_rerunning(tmp_path, data_dir
     assert rows[1]["strategy"] == "easgd" and rows[1]["period"] == "10"
     for name in ("compare.md", "compare_epochs.png", "compare_time_k8.png"):
         assert (tmp_path / name).stat().st_size > 0, name
-    second = _compare_here(args, capsys)
+    second = main_here(compare, args, capsys)
     assert second.returncode == 0, second.stderr[-2000:]
     assert second.stdout.count("already done") == 2
     assert [os.stat(p).st_mtime_ns for p in results] == stamps  # nothing was rerun

@@ -3,11 +3,10 @@
 import csv
 import json
 import os
-import subprocess
 
 import pytest
 
-from conftest import REPO, run_module
+from conftest import REPO, main_here, run_module
 from lbsgd import runs, sweep
 
 
@@ -65,18 +64,11 @@ TINY = ["model=resnet8", "model_width=8", "per_worker_batch_size=4", "max_steps=
         "num_epochs=1", "log_every_steps=1", "num_devices=1"]
 
 
-def _sweep_here(args, capsys):
-    """``python -m lbsgd.sweep`` in this process (its runs are still ``lbsgd.main`` subprocesses)."""
-    code = sweep.main(args)
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(["lbsgd.sweep", *args], code, out, err)
-
-
 def test_sweep_writes_one_row_per_cell_and_seed_and_resumes_without_rerunning(tmp_path, data_dir, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     args = ["--config=experiments/digits.py", f"--workdir={tmp_path}", "--seeds=0,1", "--grid=num_workers=2,4",
             "--override", f"data_dir={data_dir}", *[a for o in TINY for a in ("--override", o)]]
-    first = _sweep_here(args, capsys)
+    first = main_here(sweep, args, capsys)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     assert "[1/4] num_workers=2, seed 0" in first.stdout and "[4/4] num_workers=4, seed 1" in first.stdout
     assert "ETA" in first.stdout
@@ -103,7 +95,7 @@ def test_sweep_writes_one_row_per_cell_and_seed_and_resumes_without_rerunning(tm
     stamps = [os.stat(p).st_mtime_ns for p in finished]
     interrupted = tmp_path / "num_workers-4" / "seed0"
     os.remove(interrupted / "results.json")
-    second = _sweep_here(args, capsys)
+    second = main_here(sweep, args, capsys)
     assert second.returncode == 0, second.stderr[-2000:]
     assert second.stdout.count("already done") == 3
     assert [os.stat(p).st_mtime_ns for p in finished] == stamps
