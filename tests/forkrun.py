@@ -151,6 +151,8 @@ class ForkRunner:
         reply = json.loads(line)
         if "returncode" in reply:
             self._ended[int(reply["pid"])] = int(reply["returncode"])
+        else:  # a new run: an earlier, reaped run may have had the same pid
+            self._ended.pop(int(reply["pid"]), None)
         return reply
 
     def _status(self, pid: int, timeout: float | None) -> int | None:

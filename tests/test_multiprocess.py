@@ -60,6 +60,12 @@ def _two_processes(args, devices_per_process=4, timeout=300):
     coordinator = [f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2", "--heartbeat_timeout_s=30"]
     procs = [runner.start(*args, *coordinator, f"--process_id={i}", env=env) for i in range(2)]
     deadline = time.time() + timeout
+    while any(p.poll() is None for p in procs) and time.time() < deadline:
+        if any(p.poll() not in (None, 0) for p in procs):  # one failed: its peer would wait for it, stop it
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGKILL)
+        time.sleep(0.05)
     for p in procs:
         p.wait(max(1.0, deadline - time.time()))
     return [p.completed() for p in procs]
