@@ -7,8 +7,9 @@ meshes of 1..8 devices) need them. setdefault keeps a caller's own flags.
 
 JAX's persistent compilation cache is pointed at one temporary directory for the whole session
 (and, through the environment, for every ``python -m lbsgd.main`` the tests start): the suite
-compiles the same few programs many times (every rerun of a killed run, every process of a
-multi-process run), and a cached executable is the same machine code, so no result changes.
+compiles the same few programs many times (every rerun of a killed run, every reference run), and a
+cached executable is the same machine code, so no result changes. In a multi-process run only
+process 0 uses it (JAX writes from process 0 only, and other processes' cache keys differ).
 """
 
 import atexit

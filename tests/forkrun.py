@@ -9,7 +9,9 @@ multi-process run). The child sets ``env`` in its environment, sends its standar
 the given files and calls ``lbsgd.main.run()`` — the console script's entry — with ``sys.argv`` set,
 so flags, validation, the one-line errors and exit statuses are the real program's. Only the imports
 are shared; each child parses its flags and starts JAX's backend on its own (reading ``XLA_FLAGS``, so
-``env`` may set its simulated device count). A run takes ~0.1 s to start instead of ~1-5 s.
+``env`` may set its simulated device count). Variables the libraries read when imported (``JAX_*``,
+``TF_*``) are the server's, from the environment it started with; ``env`` only reaches what is read later
+(``XLA_FLAGS``, ``LBSGD_SUPERVISED``). A run takes ~0.1 s to start instead of ~1-5 s.
 
 ``ForkRunner`` is the test side: ``run(argv) -> subprocess.CompletedProcess``, or ``start(argv)`` -> a
 ``ForkedRun`` to signal (kill tests) and ``poll``/``wait`` like ``subprocess.Popen``.
