@@ -185,8 +185,8 @@ def make_train_step(
     estimate the gradient noise scale from what the step computes anyway — each worker's gradient over
     its n examples and their sum over kn (``lbsgd.noise_scale``, McCandlish et al. 2018) — and log
     ``noise_scale``, ``noise_g2`` and ``noise_trace``. The device's workers then take their gradients
-    one after another (a scan over workers, so that each one's norm is seen); off, nothing of it is
-    traced and the step is the same program as without the argument.
+    one after another (unrolled, so that each one's norm is seen); off, nothing of it is traced and the
+    step is the same program as without the argument.
     """
     strategy = strategy or allreduce.Allreduce()
     k, n, m, a = layout.num_workers, per_worker_batch_size, layout.workers_per_device, accumulation_steps
@@ -228,16 +228,16 @@ def make_train_step(
 
     def gradients_and_norms(params, batch_stats, images, labels):
         """Like ``worker_gradients`` (shared parameters), plus Σ over this device's workers of the squared
-        norm of each one's gradient: the workers, one after another, add into one sum."""
-
-        def one_worker(carry, inputs):
-            acc, sq = carry
-            grads, aux = worker_grad_fn(params, *inputs)
-            return (jax.tree.map(jnp.add, acc, grads), sq + sq_norm(grads)), aux
-
-        start = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
-        x = images.reshape(m, n, *images.shape[1:])
-        (grads, sq), (new_stats, ce, correct) = jax.lax.scan(one_worker, start, (batch_stats, x, labels.reshape(m, n)))
+        norm of each one's gradient: the workers, one after another, add into one sum. Unrolled, as
+        ``per_worker_grad_fn``: as a ``lax.scan`` (even of one worker) the step ran ~4x slower on XLA's CPU
+        backend (digits ResNet-8 width 16, k = 8 x 16: 95 -> 24 ms on 8 devices, 114 -> 22 ms on 1)."""
+        x, y = images.reshape(m, n, *images.shape[1:]), labels.reshape(m, n)
+        grads, sq, outs = jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), []
+        for w in range(m):
+            g_w, aux = worker_grad_fn(params, jax.tree.map(lambda t: t[w], batch_stats), x[w], y[w])
+            grads, sq = jax.tree.map(jnp.add, grads, g_w), sq + sq_norm(g_w)
+            outs.append(aux)
+        new_stats, ce, correct = jax.tree.map(lambda *t: jnp.stack(t), *outs)
         return grads, new_stats, jnp.sum(ce), jnp.sum(correct), sq
 
     def worker_gradients(params, batch_stats, images, labels):
