@@ -15,6 +15,7 @@ import pytest
 
 from conftest import REPO, fork_runner, run_module, tiny_config
 from lbsgd import checkpoint, train
+from lbsgd.launch import free_port
 
 STEPS = 6
 TINY_ARGS = [
@@ -57,7 +58,7 @@ def _two_processes(args, devices_per_process=4, timeout=300):
     subject of their own tests below). Returns both ``CompletedProcess``es."""
     runner = fork_runner()
     env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}", "LBSGD_SUPERVISED": "1"}
-    coordinator = [f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2", "--heartbeat_timeout_s=30"]
+    coordinator = [f"--coordinator_address=127.0.0.1:{free_port()}", "--num_processes=2", "--heartbeat_timeout_s=30"]
     procs = [runner.start(*args, *coordinator, f"--process_id={i}", env=env) for i in range(2)]
     deadline = time.time() + timeout
     while any(p.poll() is None for p in procs) and time.time() < deadline:
@@ -158,14 +159,8 @@ def test_strategy_same_run_on_two_processes(tmp_path_factory, data_dir, name):
     assert diff <= 1e-5
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_dead_peer_survivor_exits_with_clear_message_and_the_run_resumes(tmp_path, data_dir, caplog):
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONUNBUFFERED="1")
     args = [
         *TINY_ARGS,
@@ -281,7 +276,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_rerun_resumes(tm
     # then a key every process watches); on this 2-core machine under the full suite's load a 1-epoch run
     # (44 steps, ~6 s once compiled) once finished before the processes agreed on a step to stop at.
     extra = ["--config.num_epochs=2", "--config.checkpoint_every_steps=1000", "--config.log_every_steps=2"]
-    procs, errs = _start_two(tmp_path, data_dir, extra, _free_port())
+    procs, errs = _start_two(tmp_path, data_dir, extra, free_port())
     try:
         deadline = time.time() + 300
         while time.time() < deadline and all(p.poll() is None for p in procs) and "train_loss" not in errs[0].read_text():
