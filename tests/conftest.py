@@ -46,13 +46,13 @@ def data_dir(tmp_path_factory):
 
 
 def tiny_config(data_dir, **overrides):
-    """The digits config shrunk to a few fast steps (resnet8, width 8)."""
+    """The digits config shrunk to a few fast steps (resnet4, width 8)."""
     sys.path.insert(0, REPO)
     from experiments import digits as digits_cfg
 
     c = digits_cfg.get_config()
     c.data_dir = data_dir
-    c.model, c.model_width = "resnet8", 8
+    c.model, c.model_width = "resnet4", 8
     c.per_worker_batch_size = 4
     c.num_epochs = 1
     c.log_every_steps = 2

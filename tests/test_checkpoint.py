@@ -133,7 +133,7 @@ def test_resume_with_a_changed_state_field_is_refused_naming_each_field(tmp_path
         checkpoint.check_resume(str(tmp_path), _config(num_workers=16, model="resnet20", seed=3))
     msg = str(e.value)
     assert "\n" not in msg
-    for field in ("num_workers 8 -> 16", "model 'resnet8' -> 'resnet20'", "seed 0 -> 3", "new --workdir"):
+    for field in ("num_workers 8 -> 16", "model 'resnet4' -> 'resnet20'", "seed 0 -> 3", "new --workdir"):
         assert field in msg, msg
     for field in checkpoint.STATE_FIELDS:  # every listed field is enforced (the digits config has most)
         if field not in _config():

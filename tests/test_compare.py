@@ -34,7 +34,7 @@ def test_time_model_of_every_strategy_by_hand():
     assert commcost.model_params(*commcost.NETWORKS["10GbE"], 0.0)[:2] == pytest.approx((alpha, beta))
 
 
-TINY = ["--override", "model=resnet8", "--override", "model_width=8", "--override", "per_worker_batch_size=4",
+TINY = ["--override", "model=resnet4", "--override", "model_width=8", "--override", "per_worker_batch_size=4",
         "--override", "max_steps=3", "--override", "checkpoint_every_steps=3"]
 
 

@@ -281,7 +281,7 @@ def test_folder_dataset_trains_end_to_end(image_folder, tmp_path):
 
     c = load_config("imagenet_256.py")
     c.dataset = f"folder:{image_folder}"
-    c.model, c.model_width, c.image_size = "resnet8", 8, 64
+    c.model, c.model_width, c.image_size = "resnet4", 8, 64
     c.num_workers, c.per_worker_batch_size, c.num_devices = 2, 4, 2
     c.max_steps, c.eval_batch_size, c.log_every_steps = 3, 4, 1
     validate.check_config(c)
@@ -329,7 +329,7 @@ def test_bench_input_and_step_smoke(tmp_path):
             [
                 "step",
                 "--model",
-                "resnet8",
+                "resnet4",
                 "--per_worker_batch_size",
                 "2",
                 "--repeats",

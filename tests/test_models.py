@@ -33,6 +33,17 @@ def test_parameter_counts_match_published_architectures(name, classes, want):
     assert _count(shapes["params"]) == want
 
 
+def test_resnet4_is_the_stem_one_basic_block_and_the_classifier():
+    """resnet4 (the quick plumbing model): 3x3 stem conv + BN, one basic block (two 3x3 convs + BN, identity
+    shortcut), fc. Parameters in closed form for width w, c input channels, m classes."""
+    w, c, m = 8, 3, 10
+    model = resnet.create_model("resnet4", num_classes=m, width=w)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, c)), train=False))
+    want = 9 * c * w + 2 * w + 2 * (9 * w * w + 2 * w) + (w * m + m)
+    assert _count(shapes["params"]) == want
+    assert sorted(shapes["params"]) == ["BasicBlock_0", "fc", "stem_bn", "stem_conv"]
+
+
 def test_zero_gamma_on_the_last_bn_of_every_residual_block():
     """Goyal §5.1: γ = 0 for the last BN of each block, so every block starts as the identity."""
     _, variables = _init("resnet14", 8)

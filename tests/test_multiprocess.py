@@ -20,7 +20,7 @@ from lbsgd.launch import free_port
 STEPS = 6
 TINY_ARGS = [
     "--config=experiments/digits.py",
-    "--config.model=resnet8",
+    "--config.model=resnet4",
     "--config.model_width=8",
     "--config.per_worker_batch_size=4",
     "--config.log_every_steps=2",

@@ -60,7 +60,7 @@ def test_bad_sweep_flags_are_one_line(tmp_path, args, message):
     assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
 
 
-TINY = ["model=resnet8", "model_width=8", "per_worker_batch_size=4", "max_steps=3", "checkpoint_every_steps=3",
+TINY = ["model=resnet4", "model_width=8", "per_worker_batch_size=4", "max_steps=3", "checkpoint_every_steps=3",
         "num_epochs=1", "log_every_steps=1", "num_devices=1"]
 
 
