@@ -47,21 +47,31 @@ def is_done(workdir: str) -> bool:
     return os.path.exists(os.path.join(workdir, "results.json"))
 
 
+def launch_main(argv: Sequence[str], log_path: str, env: dict) -> tuple[int, str]:
+    """Run ``python -m lbsgd.main <argv>`` to its end with ``env``, its standard output appended to
+    ``log_path``; return its exit status and standard error (text). The one place a run's process starts."""
+    with open(log_path, "a") as log:
+        proc = subprocess.run([sys.executable, "-m", "lbsgd.main", *argv], stdout=log, stderr=subprocess.PIPE,
+                              text=True, env=env)
+    return proc.returncode, proc.stderr
+
+
 def run_main(config: str, workdir: str, overrides: Sequence[str], env: dict, name: str) -> dict:
     """Train ``config`` with ``--config.*`` ``overrides`` in ``workdir`` (or resume it) unless it is done;
-    return its results.json. Output goes to ``workdir/log.txt``. Raises ``RunFailed``."""
+    return its results.json. Output goes to ``workdir/log.txt`` (standard error after standard output).
+    Raises ``RunFailed``, or ``RunStopped`` when the run was stopped by SIGINT or SIGTERM."""
     done = os.path.join(workdir, "results.json")
     if not os.path.exists(done):
-        cmd = [sys.executable, "-m", "lbsgd.main", f"--config={config}", f"--workdir={workdir}", *overrides]
         os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "log.txt"), "a") as log:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.PIPE, text=True, env=env)
-            log.write(proc.stderr)
-        if proc.returncode in STOPPED:
+        log_path = os.path.join(workdir, "log.txt")
+        code, stderr = launch_main([f"--config={config}", f"--workdir={workdir}", *overrides], log_path, env)
+        with open(log_path, "a") as log:
+            log.write(stderr)
+        if code in STOPPED:
             raise RunStopped(f"{name} was stopped")
-        if proc.returncode != 0:
-            errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("lbsgd:")]
-            tail = errors[-1] if errors else (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        if code != 0:
+            errors = [ln for ln in stderr.splitlines() if ln.startswith("lbsgd:")]
+            tail = errors[-1] if errors else (stderr.strip().splitlines() or ["no output"])[-1]
             raise RunFailed(f"{name} failed ({tail}); log: {workdir}/log.txt")
     with open(done) as f:
         return json.load(f)

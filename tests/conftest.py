@@ -113,6 +113,19 @@ def _stop_fork_runner():
         _FORK_RUNNER.pop().close()
 
 
+def forked_launch(argv, log_path, env):
+    """``lbsgd.runs.launch_main`` through this test process's ``forkrun`` server (the same exit status,
+    standard output appended to ``log_path``, standard error returned), for ``lbsgd.sweep`` and
+    ``lbsgd.compare`` tests: their runs' ``lbsgd.main`` then skips Python's and the libraries' start-up.
+    Of ``env`` only ``XLA_FLAGS`` (the runs' device count) reaches the run; the rest is the server's."""
+    run = fork_runner().start(*argv, env={"XLA_FLAGS": env.get("XLA_FLAGS", "")})
+    run.wait(300)
+    done = run.completed()
+    with open(log_path, "a") as log:
+        log.write(done.stdout)
+    return done.returncode, done.stderr
+
+
 def main_here(module, args, capsys):
     """``python -m <module> <args>`` run in this test process by calling ``module.main(args)`` (for
     ``lbsgd.sweep`` and ``lbsgd.compare``: their runs are still ``lbsgd.main`` subprocesses); returns a

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from conftest import REPO, main_here, run_module
-from lbsgd import commcost, compare, strategies
+from conftest import REPO, forked_launch, main_here, run_module
+from lbsgd import commcost, compare, runs, strategies
 
 
 def test_time_model_of_every_strategy_by_hand():
@@ -40,6 +40,7 @@ TINY = ["--override", "model=resnet4", "--override", "model_width=8", "--overrid
 
 def test_compare_writes_outputs_and_resumes_without_rerunning(tmp_path, data_dir, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
+    monkeypatch.setattr(runs, "launch_main", forked_launch)  # the real lbsgd.main, forked (test_sweep.py: unforked)
     args = ["--config=experiments/digits.py", f"--workdir={tmp_path}", "--workers=8", "--seeds=0",
             "--strategies=allreduce,easgd tau=10", "--num_epochs=1", "--override", f"data_dir={data_dir}", *TINY]
     first = main_here(compare, args, capsys)

@@ -336,13 +336,14 @@ def test_push_sum_one_peer_exponential_keeps_weights_at_one():
 
 
 @pytest.mark.parametrize("name", ["gossip_pull", "gossip_push", "dpsgd"])
-def test_same_run_on_8_4_2_1_devices(name):
+def test_same_run_on_8_2_1_devices(name):
+    """One worker per device, four, and all eight on one device (test_train.py: 4 devices, for allreduce)."""
     k = 8
     data = batches(4, k, seed=5)
     topology = "one_peer_exponential" if name == "dpsgd" else ""
-    runs = {d: train_steps(make_strategy(name, k, d, topology, pool_size=4), k, d, data) for d in (8, 4, 2, 1)}
+    runs = {d: train_steps(make_strategy(name, k, d, topology, pool_size=4), k, d, data) for d in (8, 2, 1)}
     ref = flat((runs[8].params, runs[8].batch_stats, runs[8].extra))
-    for d in (4, 2, 1):
+    for d in (2, 1):
         got = flat((runs[d].params, runs[d].batch_stats, runs[d].extra))
         assert np.abs(got - ref).max() <= 1e-5, d
     x = flat_workers(runs[8].params, k)

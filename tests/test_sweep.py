@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from conftest import REPO, main_here, run_module
+from conftest import REPO, forked_launch, main_here, run_module
 from lbsgd import runs, sweep
 
 
@@ -66,6 +66,7 @@ TINY = ["model=resnet4", "model_width=8", "per_worker_batch_size=4", "max_steps=
 
 def test_sweep_writes_one_row_per_cell_and_seed_and_resumes_without_rerunning(tmp_path, data_dir, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
+    monkeypatch.setattr(runs, "launch_main", forked_launch)  # the real lbsgd.main, forked (launch_main: below)
     args = ["--config=experiments/digits.py", f"--workdir={tmp_path}", "--seeds=0,1", "--grid=num_workers=2,4",
             "--override", f"data_dir={data_dir}", *[a for o in TINY for a in ("--override", o)]]
     first = main_here(sweep, args, capsys)
@@ -117,3 +118,16 @@ def test_a_stopped_run_stops_the_sweep_with_a_line_to_resume(tmp_path, monkeypat
     code = sweep.main(["--config=experiments/digits.py", f"--workdir={tmp_path}", "--seeds=0", "--grid=num_workers=2,4"])
     assert code == 130 and calls == ["num_workers=2, seed 0"]
     assert "stopped after 0 of 2 runs; rerun the same command to resume" in capsys.readouterr().err
+
+
+def test_launch_main_runs_lbsgd_main_and_appends_its_output_to_the_log(tmp_path, monkeypatch):
+    """The sweep's and the comparison's one way to start a run (their tests above fork it instead): a
+    subprocess whose exit status and standard error come back, its standard output appended to the log."""
+    monkeypatch.chdir(REPO)
+    log = tmp_path / "log.txt"
+    log.write_text("earlier run\n")
+    code, err = runs.launch_main(["--config=experiments/nope.py", f"--workdir={tmp_path}"], str(log), dict(os.environ))
+    assert code == 2 and err.startswith("lbsgd: error: --config file") and "nope.py" in err, err
+    assert log.read_text() == "earlier run\n"  # appended to (nothing on standard output), not truncated
+    code, err = runs.launch_main(["--helpshort"], str(log), dict(os.environ))  # absl: help on stdout, status 1
+    assert code == 1 and log.read_text().startswith("earlier run\n") and "--workdir" in log.read_text()
