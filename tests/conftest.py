@@ -142,9 +142,9 @@ def run_main(*args, env=None, timeout=300):
 
 # The modules that take longest, first: the two test processes (setup.cfg: --dist loadscope) take whole
 # modules in this order, so the short ones fill in at the end instead of one long module running alone.
-SLOW_FIRST = ("test_multiprocess.py", "test_main.py", "test_imagenet.py", "test_strategies.py", "test_train.py",
-              "test_accuracy.py", "test_sweep.py", "test_notebooks.py", "test_models.py", "test_easgd_async.py",
-              "test_compare.py", "test_folder.py")  # with setup.cfg's --no-loadscope-reorder (xdist's own order
+SLOW_FIRST = ("test_multiprocess.py", "test_main.py", "test_accuracy.py", "test_strategies.py", "test_imagenet.py",
+              "test_train.py", "test_notebooks.py", "test_easgd_async.py", "test_aggregators.py", "test_checkpoint.py",
+              "test_models.py", "test_noise_scale.py", "test_folder.py", "test_sweep.py")  # with setup.cfg's --no-loadscope-reorder (xdist's own order
 # is by number of tests)
 
 
