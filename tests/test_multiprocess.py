@@ -295,10 +295,12 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_rerun_resumes(tm
     steps = [int(s[-1].split("after step ")[1].split(";")[0]) for s in stops]
     assert steps[0] == steps[1] and 0 < steps[0] < 2 * (1437 // 32), stops
     assert checkpoint.steps(str(tmp_path))[-1] == steps[0]  # saved at the stop, off the 1000-step schedule
-    # The same command again on both hosts (forked here; the launcher has its own tests) resumes from that step.
-    rerun = _two_processes([*TINY_ARGS, f"--workdir={tmp_path}", f"--config.data_dir={data_dir}", *extra])
-    assert [p.returncode for p in rerun] == [0, 0], [p.stderr[-2000:] for p in rerun]
-    assert all(f"resumed from checkpoint at step {steps[0]}" in p.stderr + p.stdout for p in rerun)
+    rerun = _launch(  # the only run the launcher takes to a successful end: keep it through the launcher
+        ["--num_processes=2", "--devices_per_process=4", "--", *TINY_ARGS, f"--workdir={tmp_path}",
+         f"--config.data_dir={data_dir}", *extra]
+    )
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-2000:]
+    assert f"resumed from checkpoint at step {steps[0]}" in rerun.stdout
     with open(tmp_path / "results.json") as f:
         assert json.load(f)["steps"] == 2 * (1437 // 32)
 
