@@ -48,11 +48,13 @@ def is_done(workdir: str) -> bool:
 
 
 def launch_main(argv: Sequence[str], log_path: str, env: dict) -> tuple[int, str]:
-    """Run ``python -m lbsgd.main <argv>`` to its end with ``env``, its standard output appended to
-    ``log_path``; return its exit status and standard error (text). The one place a run's process starts."""
+    """Run ``python -m lbsgd.main <argv>`` to its end with ``env``, its standard output and then its standard
+    error appended to ``log_path``; return its exit status and standard error (text). The one place a run's
+    process starts."""
     with open(log_path, "a") as log:
         proc = subprocess.run([sys.executable, "-m", "lbsgd.main", *argv], stdout=log, stderr=subprocess.PIPE,
                               text=True, env=env)
+        log.write(proc.stderr)
     return proc.returncode, proc.stderr
 
 
@@ -65,8 +67,6 @@ def run_main(config: str, workdir: str, overrides: Sequence[str], env: dict, nam
         os.makedirs(workdir, exist_ok=True)
         log_path = os.path.join(workdir, "log.txt")
         code, stderr = launch_main([f"--config={config}", f"--workdir={workdir}", *overrides], log_path, env)
-        with open(log_path, "a") as log:
-            log.write(stderr)
         if code in STOPPED:
             raise RunStopped(f"{name} was stopped")
         if code != 0:

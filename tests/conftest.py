@@ -115,14 +115,14 @@ def _stop_fork_runner():
 
 def forked_launch(argv, log_path, env):
     """``lbsgd.runs.launch_main`` through this test process's ``forkrun`` server (the same exit status,
-    standard output appended to ``log_path``, standard error returned), for ``lbsgd.sweep`` and
+    standard output and error appended to ``log_path``, standard error returned), for ``lbsgd.sweep`` and
     ``lbsgd.compare`` tests: their runs' ``lbsgd.main`` then skips Python's and the libraries' start-up.
     Of ``env`` only ``XLA_FLAGS`` (the runs' device count) reaches the run; the rest is the server's."""
     run = fork_runner().start(*argv, env={"XLA_FLAGS": env.get("XLA_FLAGS", "")})
     run.wait(300)
     done = run.completed()
     with open(log_path, "a") as log:
-        log.write(done.stdout)
+        log.write(done.stdout + done.stderr)
     return done.returncode, done.stderr
 
 
@@ -140,12 +140,12 @@ def run_main(*args, env=None, timeout=300):
     return run_module("lbsgd.main", *args, env=env, timeout=timeout)
 
 
-# The modules that take longest, first: the two test processes (setup.cfg: --dist loadscope) take whole
-# modules in this order, so the short ones fill in at the end instead of one long module running alone.
+# The modules that take longest (measured in full runs), first: the two test processes (setup.cfg: --dist
+# loadscope) take whole modules in this order, so the short ones fill in at the end instead of one long module
+# running alone; with setup.cfg's --no-loadscope-reorder (xdist's own order is by number of tests).
 SLOW_FIRST = ("test_multiprocess.py", "test_main.py", "test_accuracy.py", "test_strategies.py", "test_imagenet.py",
               "test_train.py", "test_notebooks.py", "test_easgd_async.py", "test_aggregators.py", "test_checkpoint.py",
-              "test_models.py", "test_noise_scale.py", "test_folder.py", "test_sweep.py")  # with setup.cfg's --no-loadscope-reorder (xdist's own order
-# is by number of tests)
+              "test_models.py", "test_noise_scale.py", "test_folder.py", "test_sweep.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -122,12 +122,13 @@ def test_a_stopped_run_stops_the_sweep_with_a_line_to_resume(tmp_path, monkeypat
 
 def test_launch_main_runs_lbsgd_main_and_appends_its_output_to_the_log(tmp_path, monkeypatch):
     """The sweep's and the comparison's one way to start a run (their tests above fork it instead): a
-    subprocess whose exit status and standard error come back, its standard output appended to the log."""
+    subprocess whose exit status and standard error come back, its standard output, then error, appended to
+    the log."""
     monkeypatch.chdir(REPO)
     log = tmp_path / "log.txt"
     log.write_text("earlier run\n")
     code, err = runs.launch_main(["--config=experiments/nope.py", f"--workdir={tmp_path}"], str(log), dict(os.environ))
     assert code == 2 and err.startswith("lbsgd: error: --config file") and "nope.py" in err, err
-    assert log.read_text() == "earlier run\n"  # appended to (nothing on standard output), not truncated
+    assert log.read_text() == "earlier run\n" + err  # appended to (nothing on standard output), not truncated
     code, err = runs.launch_main(["--helpshort"], str(log), dict(os.environ))  # absl: help on stdout, status 1
     assert code == 1 and log.read_text().startswith("earlier run\n") and "--workdir" in log.read_text()
