@@ -96,7 +96,139 @@ def test_step_peer_flags_are_checked_in_one_line(flags, message):
     assert r.stdout == ""  # refused before any work
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num_workers=2", "--num_devices=2", "--in_flight=2"], "use --in_flight=1"),
+        (["--in_flight=-1"], "must be >= 0"),
+    ],
+)
+def test_step_in_flight_is_checked_in_one_line(flags, message, capsys):
+    """Several steps in flight on simulated CPU devices risk the collectives hazard: refused before any work."""
+    with pytest.raises(SystemExit) as e:
+        bench.main(["step", "--model=resnet4", *flags])
+    assert e.value.code == 2
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and message in err and out == "", err
+
+
 # -- helpers by hand ---------------------------------------------------------------------------------------------
+
+
+def test_time_steps_waits_once_a_window_and_reports_seconds_per_step(monkeypatch):
+    clock, events = [0.0], []
+
+    def step():  # each dispatched step "takes" 1 s of the fake clock
+        events.append("step")
+        clock[0] += 1.0
+
+    def wait():
+        events.append("wait")
+        clock[0] += 0.5  # the wait itself: 0.5 s a window
+
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+    times = common.time_steps(step, wait, repeats=2, warmup=1, in_flight=3)
+    assert events == (["step"] * 3 + ["wait"]) * 3  # 1 untimed + 2 timed windows of 3 steps
+    assert times == [pytest.approx((3 * 1.0 + 0.5) / 3)] * 2
+    assert common.time_steps(step, wait, repeats=1, warmup=0) == [1.5]  # in_flight 1: every step waited for
+    with pytest.raises(ValueError):
+        common.time_steps(step, wait, repeats=1, in_flight=0)
+
+
+def _write_trace(folder, events):
+    import gzip
+
+    path = folder / "plugins" / "profile" / "run1"
+    path.mkdir(parents=True)
+    with gzip.open(path / "host.perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+
+
+def _meta(kind, pid, name, tid=None):
+    e = {"ph": "M", "name": kind, "pid": pid, "args": {"name": name}}
+    return e if tid is None else {**e, "tid": tid}
+
+
+def test_top_ops_sums_by_name_on_the_device_xla_ops_line(tmp_path):
+    events = [
+        _meta("process_name", 1, "/host:CPU"),
+        _meta("process_name", 2, "/device:GPU:0"),
+        _meta("thread_name", 2, "XLA Ops", tid=7),
+        _meta("thread_name", 2, "Stream #13", tid=8),
+        {"ph": "X", "pid": 1, "tid": 3, "name": "PjitFunction(step)", "dur": 9000.0},  # host: not counted
+        {"ph": "X", "pid": 2, "tid": 8, "name": "kernel_a", "dur": 500.0},  # a stream: not counted beside XLA Ops
+        {"ph": "X", "pid": 2, "tid": 7, "name": "fusion.1", "dur": 300.0},
+        {"ph": "X", "pid": 2, "tid": 7, "name": "convolution.2", "dur": 600.0},
+        {"ph": "X", "pid": 2, "tid": 7, "name": "fusion.1", "dur": 100.0},
+    ]
+    _write_trace(tmp_path, events)
+    prof = common.top_ops(str(tmp_path))
+    assert prof["timelines"] == "device XLA Ops" and prof["total_s"] == pytest.approx(1e-3)
+    assert [(o["name"], o["calls"]) for o in prof["ops"]] == [("convolution.2", 1), ("fusion.1", 2)]
+    assert [o["total_s"] for o in prof["ops"]] == [pytest.approx(6e-4), pytest.approx(4e-4)]
+    assert [o["share"] for o in prof["ops"]] == [pytest.approx(0.6), pytest.approx(0.4)]
+    assert [o["name"] for o in common.top_ops(str(tmp_path), count=1)["ops"]] == ["convolution.2"]
+
+
+def test_top_ops_on_cpu_counts_xla_kernels_not_the_runtime(tmp_path):
+    events = [
+        _meta("process_name", 1, "/host:CPU"),
+        _meta("thread_name", 1, "python", tid=1),
+        _meta("thread_name", 1, "tf_XLAPjRtCpuClient/1", tid=2),
+        {"ph": "X", "pid": 1, "tid": 1, "name": "$train.py:1 step", "dur": 5000.0},
+        {"ph": "X", "pid": 1, "tid": 2, "name": "ThunkExecutor::Execute", "dur": 4000.0},
+        {"ph": "X", "pid": 1, "tid": 2, "name": "end: fusion.3", "dur": 1.0},
+        {"ph": "X", "pid": 1, "tid": 2, "name": "fusion.3", "dur": 250.0},
+        {"ph": "X", "pid": 1, "tid": 2, "name": "dot.4", "dur": 750.0},
+    ]
+    _write_trace(tmp_path, events)
+    prof = common.top_ops(str(tmp_path))
+    assert prof["timelines"] == "host tf_XLA threads"
+    assert [(o["name"], o["share"]) for o in prof["ops"]] == [("dot.4", 0.75), ("fusion.3", 0.25)]
+    with pytest.raises(FileNotFoundError):
+        common.top_ops(str(tmp_path / "nothing"))
+
+
+def test_step_profile_writes_a_trace_and_lists_the_step_s_ops(tmp_path, linear_model, capsys):
+    out, prof_dir = tmp_path / "step.json", tmp_path / "prof"
+    argv = ["step", "--model=resnet8", "--num_workers=2", "--per_worker_batch_size=2", "--image_size=4"]
+    argv += ["--repeats=1", "--peak_size=64", f"--profile={prof_dir}", f"--json={out}"]
+    assert bench.main(argv) == 0
+    prof = json.loads(out.read_text())["profile"]
+    assert prof["trace"].startswith(str(prof_dir)) and os.path.exists(prof["trace"])
+    assert prof["ops"] and prof["total_s"] > 0
+    assert sum(o["share"] for o in prof["ops"]) <= 1 + 1e-9
+    assert "top ops of one profiled window" in capsys.readouterr().out
+
+
+def test_step_profile_that_cannot_run_keeps_the_timing(tmp_path, linear_model, monkeypatch, capsys):
+    import jax
+
+    def no_profiler(*args, **kwargs):
+        raise RuntimeError("no profiler here")
+
+    monkeypatch.setattr(jax.profiler, "trace", no_profiler)
+    out = tmp_path / "step.json"
+    argv = ["step", "--model=resnet8", "--per_worker_batch_size=2", "--image_size=4", "--repeats=1"]
+    assert bench.main(argv + ["--peak_size=64", f"--profile={tmp_path / 'prof'}", f"--json={out}"]) == 0
+    r = json.loads(out.read_text())
+    assert "no profiler here" in r["profile_error"] and "profile" not in r and r["images_per_second"] > 0
+    assert "profile failed, timing kept: RuntimeError: no profiler here" in capsys.readouterr().out
+
+
+def test_steps_in_flight_reach_the_state_of_steps_waited_for_one_by_one():
+    """measure_step with 3 steps a window runs exactly the steps it says: 9 in flight give the loss of 9
+    waited for one by one (one device, the same program and batch), and not that of 8."""
+    from lbsgd.parallel import layout as layout_lib
+
+    layout = layout_lib.make_layout(2, 1)
+    kw = dict(per_worker_batch_size=2, image_size=4, num_classes=10)
+    loss = {
+        (w, r, f): step_bench.measure_step(Linear(10), layout, repeats=r, warmup=w, in_flight=f, **kw)["loss"]
+        for w, r, f in ((1, 2, 3), (3, 6, 1), (2, 6, 1))
+    }
+    assert loss[1, 2, 3] == loss[3, 6, 1]  # 9 steps either way, bitwise
+    assert loss[1, 2, 3] != loss[2, 6, 1]  # 8 steps: a different loss
 
 
 def test_summarize_against_numpy():
@@ -205,7 +337,7 @@ def test_step_json_reports_speed_flops_mfu_and_memory(tmp_path, linear_model):
     assert r["step_flops"] == r["flops_per_step"]
     med = r["step_time_median_s"]
     assert r["step_time_min_s"] <= med <= r["step_time_max_s"] and r["step_time_iqr_s"] >= 0 and r["repeats"] == 3
-    assert r["compile_s"] > 0
+    assert r["compile_s"] > 0 and r["in_flight"] == 1  # 2 simulated CPU devices: every step waited for
     assert r["images_per_second"] == pytest.approx(k * n / med, rel=1e-12)
     assert r["achieved_flops_per_s"] == pytest.approx(r["flops_per_step"] / med, rel=1e-12)
     assert r["peak_flops_per_s"] > 0 and r["peak_source"].startswith("measured")

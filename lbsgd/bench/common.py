@@ -114,6 +114,87 @@ def time_calls(call: Callable[[], Any], repeats: int, warmup: int = 1) -> list[f
     return times
 
 
+def time_steps(
+    step: Callable[[], Any], wait: Callable[[], Any], repeats: int, warmup: int = 1, in_flight: int = 1
+) -> list[float]:
+    """Seconds per step of ``repeats`` timed windows, each ``in_flight`` calls of ``step()`` dispatched
+    back to back and then one ``wait()``, after ``warmup`` untimed windows.
+
+    ``step`` dispatches one step without waiting for it; ``wait`` blocks until the last one has finished
+    (``jax.block_until_ready``). ``in_flight`` = 1 waits on every step (the per-step time; what a CPU
+    with simulated devices needs: the collectives hazard); more keeps that many steps queued on the
+    device, as the training loop does off CPU, so the host's dispatch hides behind the device's work.
+    Each window's time is divided by ``in_flight``.
+    """
+    if in_flight < 1:
+        raise ValueError(f"in_flight={in_flight} must be at least 1")
+
+    def window():
+        for _ in range(in_flight):
+            step()
+        wait()
+
+    return [t / in_flight for t in time_calls(window, repeats=repeats, warmup=warmup)]
+
+
+def top_ops(trace_dir: str, count: int = 15) -> dict[str, Any]:
+    """The operations that took longest in the newest profile under ``trace_dir``, written by
+    ``jax.profiler.trace(trace_dir, create_perfetto_trace=True)``.
+
+    Complete events ('X') are summed by name over one set of timelines: on an accelerator its "XLA Ops"
+    lines (else its streams, else every line of its processes, those named '/device:...'); on CPU, where
+    XLA's kernels run on host threads, the threads named 'tf_XLA...' without the runtime's own scopes
+    (names with '::', 'end: ' markers) — nested kernel parts can count twice there. Returns
+    ``{'trace', 'timelines', 'total_s', 'ops': [{'name', 'total_s', 'calls', 'share'}, ...]}``, the ops by
+    total time (at most ``count``), ``share`` of ``total_s``, the sum over every op on those timelines.
+    """
+    import collections
+    import glob
+    import gzip
+
+    traces = sorted(glob.glob(os.path.join(trace_dir, "**", "*perfetto_trace.json.gz"), recursive=True))
+    if not traces:
+        raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
+    with gzip.open(traces[-1], "rt") as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {
+        (e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"
+    }
+    complete = [e for e in events if e.get("ph") == "X"]
+    device = [e for e in complete if processes.get(e["pid"], "").startswith("/device:")]
+    if device:
+        line = {id(e): threads.get((e["pid"], e["tid"]), "") for e in device}
+        for timelines, keep in (
+            ("device XLA Ops", lambda e: line[id(e)] == "XLA Ops"),
+            ("device streams", lambda e: line[id(e)].startswith("Stream")),
+            ("device, every line", lambda e: True),
+        ):
+            chosen = [e for e in device if keep(e)]
+            if chosen:
+                break
+    else:
+        timelines = "host tf_XLA threads"
+        chosen = [
+            e
+            for e in complete
+            if threads.get((e["pid"], e["tid"]), "").startswith("tf_XLA")
+            and "::" not in e["name"]
+            and not e["name"].startswith("end: ")
+        ]
+    total, calls = collections.Counter(), collections.Counter()
+    for e in chosen:
+        total[e["name"]] += e.get("dur", 0.0) * 1e-6  # trace durations are in microseconds
+        calls[e["name"]] += 1
+    whole = sum(total.values())
+    ops = [
+        {"name": name, "total_s": t, "calls": calls[name], "share": t / whole if whole else 0.0}
+        for name, t in total.most_common(count)
+    ]
+    return {"trace": traces[-1], "timelines": timelines, "total_s": whole, "ops": ops}
+
+
 def flops_per_second(flops: float, seconds: float) -> float:
     """FLOP rate of ``flops`` done in ``seconds``."""
     return flops / seconds

@@ -4,8 +4,10 @@ The step is ``lbsgd.train.make_train_step`` (forward per worker, loss / kn, grad
 Goyal's optimizer update) for one model on random inputs, k workers x n images over d devices. Reported:
 
 * ``compile_s``: ahead-of-time compilation, apart from the timed steps;
-* ``step_time_*``: median and spread (min, max, quartiles, IQR) of ``--repeats`` timed steps after
-  ``--warmup`` untimed ones, each waited for; ``images_per_second`` = kn / median;
+* ``step_time_*``: median and spread (min, max, quartiles, IQR) over ``--repeats`` timed windows (after
+  ``--warmup`` untimed ones) of seconds per step; a window is ``--in_flight`` steps dispatched back to
+  back and then waited for (1 on CPU: every step waited for; 4 on an accelerator, where the training loop
+  does not wait on each step either); ``images_per_second`` = kn / median;
 * ``flops_per_step``: model FLOPs, 2 x the multiply-adds of every convolution and matrix product in the
   step's jaxpr (``jaxpr_flops``; XLA's own count, ``xla_flops_per_device_step``, is shown beside it);
 * ``achieved_flops_per_s`` = flops_per_step / median; ``peak_flops_per_s``: *measured* here, on the same
@@ -29,6 +31,10 @@ from typing import Sequence
 
 from lbsgd import cli
 from lbsgd.bench import common
+
+#: Steps a timed window keeps in flight off CPU by default: the training loop does not wait on each step
+#: there, so the host dispatches the next step while the device runs this one.
+IN_FLIGHT_OFF_CPU = 4
 
 #: lbsgd model name -> the Flax ImageNet example's ``models.<name>`` (the same ResNet v1.5).
 FLAX_MODELS = {
@@ -110,14 +116,19 @@ def measure_step(
     strategy=None,
     channels: int = 3,
     count_flops: bool = False,
+    in_flight: int = 1,
+    profile_dir: str | None = None,
 ) -> dict:
     """Time the real train step (``lbsgd.train.make_train_step`` with ``goyal_sgd``) on random inputs.
 
     k = ``layout.num_workers`` workers of n = ``per_worker_batch_size`` images; ``strategy`` defaults to
-    allreduce with ``aggregation``. Compiles ahead of time (timed apart), runs ``warmup`` untimed steps,
-    then ``repeats`` timed ones, each waited for (never two steps in flight: the CPU collectives hazard).
-    Returns ``{'times', 'compile_s', 'step_flops', 'xla_flops', 'memory', 'loss'}``: ``step_flops`` =
-    model FLOPs per step from the jaxpr when ``count_flops`` (else 0), ``xla_flops`` = XLA's cost
+    allreduce with ``aggregation``. Compiles ahead of time (timed apart), then ``common.time_steps``:
+    ``warmup`` untimed windows and ``repeats`` timed ones of ``in_flight`` steps each, waited for at the
+    end of the window (1, the default, waits on every step: never two steps in flight, the CPU
+    collectives hazard); ``times`` are seconds per step. With ``profile_dir``, one more window runs
+    under ``jax.profiler.trace`` there (after the timing, so the timing is not the profiler's).
+    Returns ``{'times', 'compile_s', 'step_flops', 'xla_flops', 'memory', 'loss', 'profile_error'}``:
+    ``step_flops`` = model FLOPs per step from the jaxpr when ``count_flops`` (else 0), ``xla_flops`` = XLA's cost
     analysis per device (or None), ``memory`` = ``common.memory_analysis`` of the compiled step (or None).
     """
     import jax
@@ -146,10 +157,20 @@ def measure_step(
 
     def one_step():
         carry["state"], carry["metrics"] = compiled(carry["state"], b["image"], b["label"])
-        jax.block_until_ready((carry["state"], carry["metrics"]))  # never two steps in flight
 
-    times = common.time_calls(one_step, repeats=repeats, warmup=warmup)
+    def wait():
+        jax.block_until_ready((carry["state"], carry["metrics"]))
+
+    times = common.time_steps(one_step, wait, repeats=repeats, warmup=warmup, in_flight=in_flight)
+    profile_error = None
+    if profile_dir:
+        try:
+            with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+                common.time_steps(one_step, wait, repeats=1, warmup=0, in_flight=in_flight)
+        except Exception as e:  # noqa: BLE001 - a profiler that cannot run must not cost the timing
+            profile_error = f"{type(e).__name__}: {e}"
     return {
+        "profile_error": profile_error,
         "times": times,
         "compile_s": compile_s,
         "step_flops": flops,
@@ -236,13 +257,14 @@ def measure_flax_step(
     repeats: int,
     warmup: int = 1,
     count_flops: bool = False,
+    in_flight: int = 1,
 ) -> dict:
     """Time the Flax ImageNet example's own ``train_step``, pmapped over ``devices`` as its
     ``train_and_evaluate`` does it (``in_axes=(None, 0)``, axis 'batch'), on the global batch
     ``images``/``labels`` split evenly over the devices. The model is ``models.<FLAX_MODELS[model]>`` at
     ``dtype`` with ``num_filters=width``; its optimizer is the example's (SGD, Nesterov momentum, L2 in the
-    loss); no loss scaling (``half_precision`` off: ``dtype`` is set directly). Returns ``{'times',
-    'compile_s', 'step_flops', 'loss'}`` as ``measure_step``.
+    loss); no loss scaling (``half_precision`` off: ``dtype`` is set directly). Timed like
+    ``measure_step`` (``in_flight`` steps a window); returns ``{'times', 'compile_s', 'step_flops', 'loss'}``.
     """
     import functools
 
@@ -279,9 +301,11 @@ def measure_flax_step(
 
     def one_step():
         carry["state"], carry["metrics"] = compiled(carry["state"], batch)
+
+    def wait():
         jax.block_until_ready((carry["state"], carry["metrics"]))
 
-    times = common.time_calls(one_step, repeats=repeats, warmup=warmup)
+    times = common.time_steps(one_step, wait, repeats=repeats, warmup=warmup, in_flight=in_flight)
     return {"times": times, "compile_s": compile_s, "step_flops": flops, "loss": float(carry["metrics"]["loss"][0])}
 
 
@@ -326,7 +350,13 @@ def main(argv: Sequence[str]) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
     ap.add_argument("--aggregation", default="psum")
     ap.add_argument("--repeats", type=cli.positive(int), default=5, help="timed steps (default 5)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling (default 1)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed windows after compiling (default 1)")
+    ap.add_argument(
+        "--in_flight",
+        type=int,
+        default=0,
+        help=f"steps dispatched before each wait (default 0: 1 on CPU, {IN_FLIGHT_OFF_CPU} on an accelerator)",
+    )
     ap.add_argument(
         "--peak_size", type=int, default=0, help="matrix size of the peak-FLOP/s matmul (default: 512 CPU, 8192 else)"
     )
@@ -338,6 +368,12 @@ def main(argv: Sequence[str]) -> int:
         dest="flax_dir",
         default=None,
         help="a google/flax checkout (or its examples/imagenet), for --peer=flax",
+    )
+    ap.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="after timing, profile one window into DIR (jax.profiler; TensorBoard/Perfetto read it) and print the top ops",
     )
     ap.add_argument("--json", default=None, help="write results to this path")
     args = ap.parse_args(argv)
@@ -370,6 +406,15 @@ def main(argv: Sequence[str]) -> int:
         layout = layout_lib.make_layout(k, args.num_devices)
     except layout_lib.LayoutError as e:
         ap.error(str(e))
+    if args.in_flight < 0:
+        ap.error(f"--in_flight={args.in_flight} must be >= 0 (0: automatic)")
+    on_cpu = layout.devices[0].platform == "cpu"
+    in_flight = args.in_flight or (1 if on_cpu else IN_FLIGHT_OFF_CPU)
+    if on_cpu and layout.num_devices > 1 and in_flight > 1:
+        ap.error(
+            f"--in_flight={in_flight} on {layout.num_devices} simulated CPU devices can abort in the collectives' "
+            "rendezvous; use --in_flight=1 (or --num_devices=1)"
+        )
     flax_modules = None
     if args.peer == "flax":
         try:
@@ -388,6 +433,8 @@ def main(argv: Sequence[str]) -> int:
         warmup=args.warmup,
         aggregation=args.aggregation,
         count_flops=True,
+        in_flight=in_flight,
+        profile_dir=args.profile,
     )
     stats = common.summarize(m["times"])
     med, flops = stats["median_s"], m["step_flops"]
@@ -413,6 +460,7 @@ def main(argv: Sequence[str]) -> int:
         compile_s=m["compile_s"],
         warmup=args.warmup,
         repeats=stats["repeats"],
+        in_flight=in_flight,
         **common.time_fields(stats, keys=("median", "min", "max", "q25", "q75", "iqr")),
         images_per_second=ips,
         flops_per_step=flops,
@@ -431,7 +479,7 @@ def main(argv: Sequence[str]) -> int:
         f"{args.model} (width {width}) {size}x{size} {args.dtype}: k={k} x n={n} = {k * n} images/step; "
         f"compile {m['compile_s']:.1f} s"
     )
-    print(f"step {_ms(stats)}: {ips:.1f} images/s")
+    print(f"step {_ms(stats)}, {in_flight} in flight: {ips:.1f} images/s")
     print(
         f"model FLOPs {flops / 1e9:.3f} GFLOP/step -> {format_rate(achieved)}; measured peak "
         f"{format_rate(peak['peak_flops_per_s'])} ({peak['peak_source']}) -> MFU {100 * result['mfu']:.1f}%"
@@ -443,6 +491,21 @@ def main(argv: Sequence[str]) -> int:
             f"{memory['argument_bytes'] / mib:.1f} + outputs {memory['output_bytes'] / mib:.1f} + temporaries "
             f"{memory['temp_bytes'] / mib:.1f} - donated {memory['alias_bytes'] / mib:.1f} MiB)"
         )
+    if args.profile:
+        try:
+            if m["profile_error"]:
+                raise RuntimeError(m["profile_error"])
+            prof = common.top_ops(args.profile)
+        except Exception as e:  # noqa: BLE001 - report it in one line; the timing stands
+            result["profile_error"] = str(e)
+            print(f"profile failed, timing kept: {e}")
+        else:
+            result["profile"] = prof
+            print(f"top ops of one profiled window ({prof['timelines']}, {prof['total_s'] * 1e3:.2f} ms in all):")
+            for op in prof["ops"]:
+                print(
+                    f"  {op['total_s'] * 1e3:9.3f} ms {100 * op['share']:5.1f} %  x{op['calls']:<4d} {op['name'][:90]}"
+                )
     if flax_modules is not None:
         images, labels = random_batch(k * n, size, args.num_classes)
         f = measure_flax_step(
@@ -457,6 +520,7 @@ def main(argv: Sequence[str]) -> int:
             repeats=args.repeats,
             warmup=args.warmup,
             count_flops=True,
+            in_flight=in_flight,
         )
         fstats = common.summarize(f["times"])
         flax_ips = k * n / fstats["median_s"]
