@@ -24,7 +24,11 @@ import logging
 import os
 import shutil
 import sys
+import warnings
 from typing import Any, Callable
+
+#: The warning a failed read's un-awaited orbax/tensorstore coroutines give when they are collected.
+NEVER_AWAITED = r"coroutine '.*' was never awaited"
 
 log = logging.getLogger("lbsgd")
 
@@ -93,7 +97,8 @@ def save(mngr, step: int, state, force: bool = False) -> None:
 @contextlib.contextmanager
 def _quiet_failures():
     """Keep a failing restore's library noise (orbax's error log, tensorstore's un-awaited coroutine
-    tracebacks) off stderr: the failure is reported in one line by the caller."""
+    tracebacks and "coroutine ... was never awaited" warnings) off stderr: the failure is reported in one
+    line by the caller."""
     loggers = [logging.getLogger(name) for name in ("absl", "orbax", "asyncio")]
     levels = [lg.level for lg in loggers]
     hook = sys.unraisablehook
@@ -101,9 +106,13 @@ def _quiet_failures():
         lg.setLevel(logging.CRITICAL)
     sys.unraisablehook = lambda _unraisable: None
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=NEVER_AWAITED, category=RuntimeWarning)
+            try:
+                yield
+            finally:
+                gc.collect()  # the failed read's coroutines are reported when collected: collect them here
     finally:
-        gc.collect()  # the failed read's coroutines are reported when collected: collect them here
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
         sys.unraisablehook = hook
@@ -117,7 +126,8 @@ def _drop_closed_loop_errors() -> None:
     """After a failed read, tensorstore may still complete futures into orbax's closed asyncio loops,
     from its own threads, later: each prints a 'RuntimeError: Event loop is closed' traceback; and the
     read's unretrieved asyncio task errors are logged when collected. Drop exactly those (every other
-    error still reaches the previous hooks and handlers). Installed once."""
+    error still reaches the previous hooks and handlers), and the "coroutine ... was never awaited"
+    warnings of its coroutines that are collected later still. Installed once."""
     import threading
 
     if getattr(sys.excepthook, "_lbsgd_quiet", False):
@@ -140,9 +150,8 @@ def _drop_closed_loop_errors() -> None:
     sys.excepthook, threading.excepthook, sys.unraisablehook = sys_hook, thread_hook, unraisable_hook
     # The failed read's asyncio tasks report themselves when collected ("Task exception was never
     # retrieved"), through the 'asyncio' logger: the read error was already reported in one line.
-    logging.getLogger("asyncio").addFilter(
-        lambda record: "exception was never retrieved" not in record.getMessage()
-    )
+    logging.getLogger("asyncio").addFilter(lambda record: "exception was never retrieved" not in record.getMessage())
+    warnings.filterwarnings("ignore", message=NEVER_AWAITED, category=RuntimeWarning)
 
 
 def _reason(error: Exception) -> str:
