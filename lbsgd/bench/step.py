@@ -373,7 +373,7 @@ def main(argv: Sequence[str]) -> int:
         "--profile",
         default=None,
         metavar="DIR",
-        help="after timing, profile one window into DIR (jax.profiler; TensorBoard/Perfetto read it) and print the top ops",
+        help="after timing, profile one window into DIR (jax.profiler: TensorBoard, Perfetto) and print its top ops",
     )
     ap.add_argument("--json", default=None, help="write results to this path")
     args = ap.parse_args(argv)
