@@ -165,13 +165,13 @@ def top_ops(trace_dir: str, count: int = 15) -> dict[str, Any]:
     complete = [e for e in events if e.get("ph") == "X"]
     device = [e for e in complete if processes.get(e["pid"], "").startswith("/device:")]
     if device:
-        line = {id(e): threads.get((e["pid"], e["tid"]), "") for e in device}
+        lines = [threads.get((e["pid"], e["tid"]), "") for e in device]
         for timelines, keep in (
-            ("device XLA Ops", lambda e: line[id(e)] == "XLA Ops"),
-            ("device streams", lambda e: line[id(e)].startswith("Stream")),
-            ("device, every line", lambda e: True),
+            ("device XLA Ops", lambda line: line == "XLA Ops"),
+            ("device streams", lambda line: line.startswith("Stream")),
+            ("device, every line", lambda line: True),
         ):
-            chosen = [e for e in device if keep(e)]
+            chosen = [e for e, line in zip(device, lines) if keep(line)]
             if chosen:
                 break
     else:
