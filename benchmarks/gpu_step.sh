@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ResNet-50 bf16 train-step throughput on one GPU, for issue #12's targets (k = 8 workers x n = 32 with
+# ResNet-50 bf16 train-step throughput on one GPU, against the targets (k = 8 workers x n = 32 with
 # per-worker BN >= 6,500 images/s; k = 1 x n = 32 >= 4,000), sized to fit one 10-minute call.
 #
 #   bash benchmarks/gpu_step.sh OUTDIR        (from the repo root, on the GPU host)
@@ -8,8 +8,13 @@
 # (default 450), so the script returns with what it has measured. Each writes
 # OUTDIR/step_k<K>_n<N>_<name>.json; everything printed goes to OUTDIR/log.txt. The first setting also
 # profiles one window of steps (OUTDIR/profile; its top ops are printed and in its JSON). `bench input`
-# runs only where TensorFlow is installed. Wheels in .whl/ (ml-collections, say, on a host whose image
-# has JAX but not it) are installed into /tmp/site first. README "GPU" has the whole device call.
+# runs only where TensorFlow is installed. README "GPU" has the whole device call.
+#
+# Wheels: `bench step` builds its step from a run config (lbsgd.config.schema), so it needs ml_collections.
+# A GPU image with jax, flax, optax and orbax but without ml_collections needs its wheel in .whl/ (not in
+# the repo; fetch it with `python3 -m pip download --no-deps --only-binary=:all: -d .whl ml-collections`).
+# Its own dependencies, absl-py and PyYAML, come with optax/orbax and flax. Every wheel in .whl/ is
+# installed into /tmp/site first; without ml_collections the script stops before any setting runs.
 set -uo pipefail
 out="${1:?usage: bash benchmarks/gpu_step.sh OUTDIR}"
 py="${PYTHON:-python3}"
@@ -26,6 +31,10 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 "$py" -c 'import sys, jax; print("python", sys.version.split()[0], "jax", jax.__version__, jax.devices())' 2>&1 | tee "$log"
+if ! "$py" -c 'import ml_collections' 2>/dev/null; then
+  echo "gpu_step.sh: ml_collections is not importable; put its wheel (ml_collections-*.whl) in .whl/" | tee -a "$log" >&2
+  exit 2
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$log"
 
 declare -A FLAGS=(
@@ -48,7 +57,7 @@ step() { # step NAME K N [more bench step flags]
     --json "$out/step_k${k}_n${n}_${name}.json" 2>&1 | tee -a "$log"
 }
 
-step default 8 32 --profile "$out/profile" # the issue's setting: 8 workers' BN on one GPU
+step default 8 32 --profile "$out/profile" # the main target: 8 workers' BN on one GPU
 step default 1 32
 step default 1 256
 step cmdbuf 8 32

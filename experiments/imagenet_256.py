@@ -30,69 +30,37 @@ experiments/imagenet_8k.py (n = 32 throughout; the global batch kn = k·32 is de
 (base_learning_rate is the rate per 256 images; the step size is base_learning_rate·kn/256.)
 """
 
-import ml_collections
+from lbsgd.config import schema
 
 
 def get_config():
-    """Returns the kn=256 ImageNet config (Goyal et al. baseline; names as in GUIDE.md §3)."""
-    c = ml_collections.ConfigDict()
+    """Returns the kn=256 ImageNet config (Goyal et al. baseline): the base config with what differs."""
+    c = schema.base_config()
     # Data.
     c.dataset = "imagenet2012"  # or 'folder:<path>' for your own train/<class>/*.jpg, val/<class>/*.jpg
-    c.data_dir = ""  # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
     c.augment = "inception"  # random-size crop + flip; center crop for evaluation
     c.image_size = 224
-    # Workers (Goyal's k and n); the global minibatch k*n is derived, never set.
-    c.num_workers = 8
+    # Workers: k = 8 (the base) x n = 32.
     c.per_worker_batch_size = 32
-    c.num_devices = 0  # 0 = all devices of every process; must divide num_workers
     # A device runs its k/d workers in the fewest sequential microsteps of <= 256 images each (0 = automatic):
     # one microstep on the paper's hardware, more when a sweep puts many workers on few devices. The
     # numbers do not change (each worker's 32 images stay together). Lower it on small-memory devices.
     c.accumulation_steps = 0
     c.max_device_batch = 256
-    # How workers combine (lbsgd.strategies): 'allreduce' | 'dpsgd' | 'gossip_pull' | 'gossip_push' |
-    # 'easgd' | 'async_ps'.
-    c.strategy = "allreduce"
-    c.aggregation = "psum"  # allreduce: 'psum' | 'ring' | 'halving_doubling'
-    c.bucket_mb = 25.0
-    # dpsgd: 'ring' | 'exponential' | 'complete' | 'one_peer_exponential'; gossip: 'random' (push also
-    # 'one_peer_exponential'); '' = the strategy's default (ring for dpsgd, random for gossip).
-    c.topology = ""
-    c.dpsgd = ml_collections.ConfigDict({"form": "awc"})  # 'awc' (Lian et al.) | 'atc' (adapt then combine)
-    c.gossip = ml_collections.ConfigDict({"pool_size": 32})  # seeded random peer assignments to draw from
-    # easgd: moving rate alpha = beta / k, an exchange with the centre every `period` steps.
-    c.easgd = ml_collections.ConfigDict({"beta": 0.8, "period": 1})
-    # async_ps: gradients up to `staleness` server steps old; pulls 'fixed' (staggered) or 'random'.
-    c.async_ps = ml_collections.ConfigDict({"staleness": 0, "delay": "fixed"})
-    # Model: ResNet-50 v1.5, zero-γ, BN momentum 0.9 (built into lbsgd.models.resnet).
+    # Model: ResNet-50 v1.5, zero-gamma, BN momentum 0.9 (built into lbsgd.models.resnet).
     c.model = "resnet50"
     c.model_width = 64
     c.dtype = "bfloat16"  # compute dtype; params, optimizer state and BN statistics stay float32
-    c.label_smoothing = 0.0
-    # Optimizer (lbsgd.optim.from_config).
-    c.optimizer = "goyal_sgd"
-    c.lars_trust_ratio = "optax"  # lars: 'optax' (||g + wd w||) | 'paper' (||g|| + wd ||w||, You et al.)
-    c.base_learning_rate = 0.1  # η per base_batch_size images (§2.1)
-    c.base_batch_size = 256
-    c.warmup = "gradual"  # §2.2; nothing to warm up when kn <= 256
+    # Optimizer (Goyal §5.1): eta = 0.1 per 256 images, 5 warmup epochs, x0.1 at epochs 30, 60, 80.
+    c.base_learning_rate = 0.1
     c.warmup_epochs = 5
     c.decay = "step"
     c.decay_epochs = (30, 60, 80)
-    c.decay_factor = 0.1
-    c.momentum = 0.9
-    c.nesterov = True
-    c.weight_decay = 1e-4  # not on BN γ/β or biases
-    c.momentum_correction = True  # Remark 2
+    c.weight_decay = 1e-4  # not on BN gamma/beta or biases
     c.num_epochs = 90
     # Bookkeeping.
-    c.seed = 0
     c.eval_batch_size = 1024  # images per eval step over all devices; every val image is seen once
     c.log_every_steps = 500
     c.eval_every_epochs = 1
     c.checkpoint_every_steps = 5000  # about one epoch at kn=256
-    c.max_steps = -1  # >0: stop early after this many steps (smoke tests)
-    # A NaN/inf loss or gradient: 'stop' (exit 3, nothing non-finite saved) or 'skip' the update and
-    # stop after max_consecutive_nonfinite skipped steps in a row.
-    c.on_nonfinite = "stop"
-    c.max_consecutive_nonfinite = 10
     return c

@@ -27,6 +27,9 @@ import sys
 import warnings
 from typing import Any, Callable
 
+from lbsgd import strategies
+from lbsgd.errors import CheckpointError
+
 #: The warning a failed read's un-awaited orbax/tensorstore coroutines give when they are collected.
 NEVER_AWAITED = r"coroutine '.*' was never awaited"
 
@@ -53,10 +56,6 @@ STATE_FIELDS = (
     "seed",
     "noise_scale",
 )
-
-
-class CheckpointError(Exception):
-    """No checkpoint can be restored, or the workdir belongs to another run; ``str(e)`` is one line."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -249,9 +248,7 @@ def _plain(config) -> dict[str, Any]:
 
 def state_fields(config) -> tuple[str, ...]:
     """The fields a resume must keep: ``STATE_FIELDS`` and the active strategy's own option section."""
-    from lbsgd import strategies
-
-    entry = strategies.REGISTRY.get(config.get("strategy"))
+    entry = strategies.REGISTRY.get(config.strategy)
     section = entry.section if entry is not None else None
     return STATE_FIELDS + ((section,) if section else ())
 

@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Callable
 
+from lbsgd.errors import EXIT_USAGE
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line (``prog: error: message``) and exit status 2, no usage dump."""
@@ -13,7 +15,7 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         """Print one line and exit 2."""
         sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
+        sys.exit(EXIT_USAGE)
 
 
 def positive(kind: Callable = int) -> Callable[[str], object]:

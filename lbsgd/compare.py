@@ -33,7 +33,8 @@ import sys
 import time
 from typing import Sequence
 
-from lbsgd import cli, commcost, runs
+from lbsgd import cli, costmodel, runs, strategies
+from lbsgd.strategies import registry
 
 RESNET50_PARAMS = 25_557_032  # lbsgd.models.resnet.resnet50, counted in tests/test_models.py
 
@@ -50,20 +51,15 @@ class Entry:
         return [f"--config.{o.format(k=k, k_minus_1=k - 1)}" for o in self.overrides]
 
 
-ENTRIES = (
-    Entry("allreduce", ("strategy=allreduce",)),
-    Entry("dpsgd ring", ("strategy=dpsgd", "topology=ring")),
-    Entry("dpsgd exponential", ("strategy=dpsgd", "topology=exponential")),
-    Entry("dpsgd complete", ("strategy=dpsgd", "topology=complete")),
-    Entry("dpsgd one-peer-exp", ("strategy=dpsgd", "topology=one_peer_exponential")),
-    Entry("gossip pull", ("strategy=gossip_pull",)),
-    Entry("gossip push", ("strategy=gossip_push", "topology=random")),
-    Entry("gossip push one-peer-exp", ("strategy=gossip_push", "topology=one_peer_exponential")),
-    Entry("easgd tau=1", ("strategy=easgd", "easgd.period=1")),
-    Entry("easgd tau=10", ("strategy=easgd", "easgd.period=10")),
-    Entry("async_ps tau=k-1", ("strategy=async_ps", "async_ps.staleness={k_minus_1}")),
-)
-LABELS = tuple(e.label for e in ENTRIES)
+def entries() -> tuple[Entry, ...]:
+    """Every registered strategy's comparison settings (``lbsgd.strategies.registry.compare_entries``), in
+    registration order; the overrides are relative to the given config, ``strategy=<name>`` first."""
+    return tuple(Entry(label, overrides) for label, overrides in registry.compare_entries())
+
+
+def labels() -> tuple[str, ...]:
+    """The labels of ``entries()``."""
+    return tuple(e.label for e in entries())
 
 
 def slug(label: str) -> str:
@@ -84,8 +80,6 @@ def run_one(config: str, workdir: str, entry: Entry, k: int, seed: int, extra: S
 
 def strategy_of(config_path: str, entry: Entry, k: int, num_devices: int):
     """The strategy object a run of ``entry`` builds (for its time model)."""
-    from lbsgd import strategies
-
     config = runs.load_config(config_path)
     config.num_workers = k
     for override in entry.args(k):
@@ -107,8 +101,8 @@ def model_sizes(results: dict) -> dict[str, float]:
 def modelled_times(strategy, results: dict, compute_s: float) -> dict[str, float]:
     """Modelled seconds per step on each network × model size."""
     out = {}
-    for net, (gbit, latency_us) in commcost.NETWORKS.items():
-        alpha, beta, _ = commcost.model_params(gbit, latency_us, 0.0)
+    for net, (gbit, latency_us) in costmodel.NETWORKS.items():
+        alpha, beta, _ = costmodel.model_params(gbit, latency_us, 0.0)
         for size_name, nbytes in model_sizes(results).items():
             out[f"{net} {size_name}"] = strategy.step_time(compute_s, results["num_workers"], nbytes, alpha, beta)
     return out
@@ -122,7 +116,7 @@ def summary_table(rows: list[dict], workers: Sequence[int]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for k in workers:
-        for label in LABELS:
+        for label in labels():
             sel = [r for r in rows if r["label"] == label and r["num_workers"] == k]
             if not sel:
                 continue
@@ -145,7 +139,8 @@ def plot(workdir: str, rows: list[dict], histories: dict, workers: Sequence[int]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {label: plt.cm.tab20(i / max(1, len(LABELS) - 1)) for i, label in enumerate(LABELS)}
+    every = labels()
+    colors = {label: plt.cm.tab20(i / max(1, len(every) - 1)) for i, label in enumerate(every)}
     paths = []
 
     def curves(k):
@@ -177,13 +172,13 @@ def plot(workdir: str, rows: list[dict], histories: dict, workers: Sequence[int]
 
     for k in workers:
         fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), squeeze=False)
-        panels = [(net, size) for net in commcost.NETWORKS for size in ("as-is", "ResNet-50")]
+        panels = [(net, size) for net in costmodel.NETWORKS for size in ("as-is", "ResNet-50")]
         for ax, (net, size) in zip(axes.flat, panels):
             for label, seeds in curves(k).items():
                 for i, (_, steps, errors, row) in enumerate(seeds):
                     seconds = [s * row[f"step_s {net} {size}"] for s in steps]
                     ax.plot(seconds, errors, color=colors[label], lw=1.2, label=label if i == 0 else None)
-            gbit, lat = commcost.NETWORKS[net]
+            gbit, lat = costmodel.NETWORKS[net]
             nparams = rows[0]["num_params"] if size == "as-is" else RESNET50_PARAMS
             ax.set(
                 title=f"{net} ({gbit:g} Gb/s, {lat:g} µs), model of {nparams / 1e6:.2f} M params ({size})",
@@ -234,10 +229,10 @@ def parse(argv):
     if not args.worker_list or min(args.worker_list) < 1 or not args.seed_list:
         ap.error("--workers needs positive integers and --seeds at least one seed")
     wanted = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    unknown = [w for w in wanted if w not in LABELS]
+    unknown = [w for w in wanted if w not in labels()]
     if unknown:
         ap.error(f"unknown strategy label {unknown[0]!r}; use --list to see them")
-    args.entries = [e for e in ENTRIES if not wanted or e.label in wanted]
+    args.entries = [e for e in entries() if not wanted or e.label in wanted]
     bad = [o for o in args.override if "=" not in o]
     if bad:
         ap.error(f"--override {bad[0]!r} must look like num_epochs=10")
@@ -248,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run (or resume) every run, then write compare.csv, compare.md and the figures."""
     args = parse(sys.argv[1:] if argv is None else argv)
     if args.list:
-        print("\n".join(LABELS))
+        print("\n".join(labels()))
         return 0
     os.makedirs(args.workdir, exist_ok=True)
     extra = ["--config.eval_every_epochs=1", *[f"--config.{o}" for o in args.override]]
@@ -285,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             base = [r for r in rows if r["label"] == "allreduce" and r["num_workers"] == k]
             ref = base[0] if base else row
             compute_s = row["per_worker_batch_size"] / max(ref["images_per_second"], 1e-9)
-        entry = next(e for e in ENTRIES if e.label == row["label"])
+        entry = next(e for e in entries() if e.label == row["label"])
         strategy = strategy_of(args.config, entry, k, row["devices"])
         row["compute_s_per_step"] = compute_s
         for key, seconds in modelled_times(strategy, row, compute_s).items():

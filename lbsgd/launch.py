@@ -22,6 +22,7 @@ import threading
 import time
 
 from lbsgd import cli
+from lbsgd.errors import EXIT_USAGE
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -67,7 +68,7 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def _error(msg: str) -> int:
     print(f"lbsgd.launch: error: {msg}", file=sys.stderr)
-    return 2
+    return EXIT_USAGE
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from lbsgd import errors
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an experiments/*.py config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and results.json.")
@@ -29,7 +31,7 @@ flags.DEFINE_enum("distributed", "off", ["off", "auto"], "'auto': jax.distribute
 flags.DEFINE_integer("heartbeat_timeout_s", 60, "Multi-process: seconds without a peer's heartbeat before exiting.")
 flags.DEFINE_integer("init_timeout_s", 120, "Multi-process: seconds to wait for every process to join.")
 
-EXIT_USAGE = 2  # bad input: config, flags, data, workdir, checkpoints
+EXIT_USAGE = errors.EXIT_USAGE  # bad input: config, flags, data, workdir, checkpoints
 
 
 def quiet_native_logs() -> None:
@@ -155,9 +157,9 @@ def quiet_logging() -> None:
 
 
 def main(argv) -> None:
-    """absl entry point: validate, then ``train.train_and_evaluate``."""
+    """absl entry point: validate, then ``lbsgd.trainer.train.train_and_evaluate``."""
     del argv
-    from lbsgd import validate
+    from lbsgd.config import validate
 
     config = FLAGS.config
     if config is None:
@@ -166,7 +168,7 @@ def main(argv) -> None:
         validate.check_config(config)
         validate.check_workdir(FLAGS.workdir)
         b_noise = validate.resolve_b_noise(config)
-    except validate.ConfigError as e:
+    except errors.ConfigError as e:
         fail(str(e))
     logging.getLogger("lbsgd").setLevel(logging.INFO)
     quiet_logging()
@@ -178,26 +180,25 @@ def main(argv) -> None:
 
     try:
         validate.check_layout(config, jax.device_count(), jax.process_count())
-    except validate.ConfigError as e:
+    except errors.ConfigError as e:
         fail(str(e))
 
-    from lbsgd import checkpoint, train
-    from lbsgd.data import pipeline
+    from lbsgd.trainer import train
 
     try:
         train.train_and_evaluate(config, FLAGS.workdir)
-    except (validate.ConfigError, pipeline.DataError, checkpoint.CheckpointError) as e:
-        fail(str(e), now=True)
-    except train.Interrupted as e:
+    except errors.Interrupted as e:
         print(f"lbsgd: {e}", file=sys.stderr, flush=True)
         leave(e.exit_code)
-    except train.NonFinite as e:
+    except errors.NonFinite as e:
         fail(
             f"{e}; lower the learning rate or set --config.on_nonfinite=skip, then rerun the same command "
             f"(it resumes from the last good checkpoint, or starts afresh if there is none)",
             code=e.exit_code,
             now=True,
         )
+    except errors.LbsgdError as e:
+        fail(str(e), code=e.exit_code, now=True)
     leave(0)
 
 
@@ -227,9 +228,9 @@ def supervise(argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda signum, _frame: child.send_signal(signum))
     code = child.wait()
-    explained = (0, EXIT_USAGE, 3, 128 + signal.SIGTERM, 128 + signal.SIGINT)  # the trainer said why
+    explained = (0, EXIT_USAGE, errors.EXIT_NONFINITE, *errors.EXIT_STOPPED)  # the trainer said why
     if code not in explained:
-        from lbsgd import checkpoint
+        from lbsgd import checkpoint  # imports JAX: only once the child has failed (the supervisor stays light)
 
         pid = _flag_value(argv, "process_id")
         how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"

@@ -16,16 +16,10 @@ import sys
 import time
 from typing import Sequence
 
-
-class RunFailed(RuntimeError):
-    """A run exited with an error; ``str(e)`` is one line naming the run, its error and its log."""
+from lbsgd.errors import EXIT_FAILED, EXIT_STOPPED, RunFailed, RunStopped
 
 
-class RunStopped(RuntimeError):
-    """A run was stopped by SIGINT or SIGTERM (it saved a checkpoint): the whole grid should stop."""
-
-
-STOPPED = (128 + 2, 128 + 15)  # lbsgd.main's exit status after SIGINT / SIGTERM
+STOPPED = EXIT_STOPPED  # lbsgd.main's exit status after SIGINT / SIGTERM
 
 
 def child_env(cpu_devices: int, compilation_cache: str = "") -> dict:
@@ -124,7 +118,7 @@ def write_csv(path: str, rows: list[dict]) -> None:
 def stopped(prog: str, done: int, total: int) -> int:
     """After Ctrl-C or SIGTERM: one line saying how to resume, and exit status 130."""
     print(f"{prog}: stopped after {done} of {total} runs; rerun the same command to resume", file=sys.stderr)
-    return 130
+    return EXIT_STOPPED[0]
 
 
 def exit_status(prog: str, failures: list[str]) -> int:
@@ -132,7 +126,7 @@ def exit_status(prog: str, failures: list[str]) -> int:
     if not failures:
         return 0
     print(f"{prog}: error: {len(failures)} run(s) failed; first: {failures[0]}", file=sys.stderr)
-    return 1
+    return EXIT_FAILED
 
 
 class Progress:

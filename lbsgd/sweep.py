@@ -39,6 +39,7 @@ import time
 from typing import Sequence
 
 from lbsgd import cli, runs
+from lbsgd.errors import GridError
 
 BATCH_FIELDS = ("num_workers", "per_worker_batch_size")
 
@@ -68,10 +69,6 @@ class Cell:
     def args(self) -> list[str]:
         """``--config.field=value`` flags."""
         return [f"--config.{f}={v}" for f, v in self.overrides]
-
-
-class GridError(ValueError):
-    """A malformed ``--grid``; ``str(e)`` is one line."""
 
 
 def _lookup(config, field: str):

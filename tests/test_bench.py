@@ -1,9 +1,9 @@
 """``python -m lbsgd.bench``: the command line, the JSON each subcommand writes, and the helpers by hand.
 
 The timing tests run the real benchmark code on a stand-in model (one Dense layer, patched in for
-``lbsgd.bench.step.build_model``) so that every strategy's train step compiles in a second or two; the
-real ResNets go through ``bench step`` in tests/test_folder.py and ``bench allreduce`` in
-tests/test_aggregators.py.
+``lbsgd.models.factory.from_config``, which ``lbsgd.trainer.build`` calls) so that every strategy's train
+step compiles in a second or two; the real ResNets go through ``bench step`` in tests/test_folder.py and
+``bench allreduce`` in tests/test_aggregators.py.
 """
 
 import json
@@ -15,9 +15,12 @@ import flax.linen as nn
 import numpy as np
 import pytest
 
-from lbsgd import bench, strategies
-from lbsgd.bench import common
-from lbsgd.bench import step as step_bench
+from lbsgd import strategies
+from lbsgd.bench import cli as bench
+from lbsgd.bench import common, flops, harness
+from lbsgd.bench.peers import flax as flax_peer
+from lbsgd.errors import PeerError
+from lbsgd.models import factory as model_factory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBCOMMANDS = ("allreduce", "input", "step", "strategies", "workers")
@@ -35,9 +38,9 @@ class Linear(nn.Module):
 
 @pytest.fixture
 def linear_model(monkeypatch):
-    """Every subcommand that builds a model gets ``Linear`` (bench step/strategies/workers import
-    ``build_model`` from lbsgd.bench.step when they run)."""
-    monkeypatch.setattr(step_bench, "build_model", lambda name, *, num_classes, dtype, width=0: Linear(num_classes))
+    """Every subcommand that builds a model gets ``Linear`` (bench step/strategies/workers build their
+    step with ``lbsgd.trainer.build``, which builds the model with ``lbsgd.models.factory.from_config``)."""
+    monkeypatch.setattr(model_factory, "from_config", lambda config, num_classes: Linear(num_classes))
 
 
 def _cli(*args):
@@ -216,15 +219,15 @@ def test_step_profile_that_cannot_run_keeps_the_timing(tmp_path, linear_model, m
     assert "profile failed, timing kept: RuntimeError: no profiler here" in capsys.readouterr().out
 
 
-def test_steps_in_flight_reach_the_state_of_steps_waited_for_one_by_one():
+def test_steps_in_flight_reach_the_state_of_steps_waited_for_one_by_one(linear_model):
     """measure_step with 3 steps a window runs exactly the steps it says: 9 in flight give the loss of 9
     waited for one by one (one device, the same program and batch), and not that of 8."""
     from lbsgd.parallel import layout as layout_lib
 
-    layout = layout_lib.make_layout(2, 1)
-    kw = dict(per_worker_batch_size=2, image_size=4, num_classes=10)
+    config = harness.bench_config("resnet8", num_workers=2, per_worker_batch_size=2, image_size=4)
+    program = harness.build_program(config, layout_lib.make_layout(2, 1), num_classes=10)
     loss = {
-        (w, r, f): step_bench.measure_step(Linear(10), layout, repeats=r, warmup=w, in_flight=f, **kw)["loss"]
+        (w, r, f): harness.measure_step(program, num_classes=10, repeats=r, warmup=w, in_flight=f)["loss"]
         for w, r, f in ((1, 2, 3), (3, 6, 1), (2, 6, 1))
     }
     assert loss[1, 2, 3] == loss[3, 6, 1]  # 9 steps either way, bitwise
@@ -278,7 +281,7 @@ def test_jaxpr_flops_by_hand():
     a, b = jnp.ones((3, 4)), jnp.ones((4, 5))
     x, w = jnp.ones((2, 6, 6, 3)), jnp.ones((3, 3, 3, 8))
     # dot: 2·3·4·5; conv: 2 · (2·6·6·8 outputs) · (3·3·3 taps each)
-    assert step_bench.jaxpr_flops(jax.make_jaxpr(f)(a, b, x, w).jaxpr) == 2 * 3 * 4 * 5 + 2 * (2 * 6 * 6 * 8) * 27
+    assert flops.jaxpr_flops(jax.make_jaxpr(f)(a, b, x, w).jaxpr) == 2 * 3 * 4 * 5 + 2 * (2 * 6 * 6 * 8) * 27
 
 
 def test_write_json_makes_folders(tmp_path, capsys):
@@ -295,12 +298,12 @@ def test_load_flax_example_binds_its_modules_by_path_and_restores_names(tmp_path
     (ex / "input_pipeline.py").write_text("NAME = 'pipeline'\n")
     (ex / "train.py").write_text("import input_pipeline\nimport models\nSEEN = models.ResNet50, input_pipeline.NAME\n")
     before = {name: sys.modules.get(name) for name in ("models", "input_pipeline")}
-    train, models = step_bench.load_flax_example(str(tmp_path))  # a whole checkout: examples/imagenet found
+    train, models = flax_peer.load_flax_example(str(tmp_path))  # a whole checkout: examples/imagenet found
     assert train.SEEN == ("flax resnet", "pipeline") and models.ResNet50 == "flax resnet"
     assert {name: sys.modules.get(name) for name in before} == before
     (ex / "train.py").write_text("import no_such_module_here\n")
-    with pytest.raises(step_bench.PeerError, match="cannot import the Flax example.*no_such_module_here"):
-        step_bench.load_flax_example(str(ex))
+    with pytest.raises(PeerError, match="cannot import the Flax example.*no_such_module_here"):
+        flax_peer.load_flax_example(str(ex))
 
 
 # -- the subcommands' JSON (real benchmark code, stand-in model) -------------------------------------------------

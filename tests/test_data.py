@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from lbsgd.data import digits, order, pipeline
+from lbsgd.data import digits, order, pipeline, sources
 
 K, N = 8, 16
 
@@ -135,8 +135,9 @@ def test_in_memory_split_serves_the_same_batches_as_reading_the_source(data_dir,
     """Small TFDS splits are held in memory (tf.gather instead of a Python call per example); the batches,
     augmentation included, must be those of the per-example array_record reads."""
     cached = pipeline.load("digits", data_dir)
-    monkeypatch.setattr(pipeline, "IN_MEMORY_MAX_BYTES", 0)
+    monkeypatch.setattr(sources, "IN_MEMORY_MAX_BYTES", 0)
     uncached = pipeline.load("digits", data_dir)
+    assert cached.train.in_memory and not uncached.train.in_memory
     a = _take(cached, 12, augment="shift", start_step=5)
     b = _take(uncached, 12, augment="shift", start_step=5)
     for x, y in zip(a, b):

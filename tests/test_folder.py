@@ -295,7 +295,7 @@ def test_folder_dataset_trains_end_to_end(image_folder, tmp_path):
 
 
 def test_bench_input_and_step_smoke(tmp_path):
-    from lbsgd import bench
+    from lbsgd.bench import cli as bench
 
     out = tmp_path / "input.json"
     assert (

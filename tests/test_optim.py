@@ -7,15 +7,16 @@ unless stated otherwise.
 import math
 import pathlib
 import re
+import types
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
 from lbsgd import optim
+from lbsgd.config import schema
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -605,8 +606,9 @@ def test_lars_unknown_trust_ratio():
 
 
 def _imagenet_config(**overrides):
-    config = ml_collections.ConfigDict(
+    config = _config(
         dict(
+            weight_decay=1e-4,
             num_workers=256,
             per_worker_batch_size=32,
             base_learning_rate=0.1,
@@ -615,11 +617,18 @@ def _imagenet_config(**overrides):
             num_epochs=90,
             optimizer="goyal_sgd",
             decay="step",
-            decay_epochs=[30, 60, 80],
+            decay_epochs=(30, 60, 80),
         )
     )
     for key, value in overrides.items():
         config[key] = value
+    return config
+
+
+def _config(fields):
+    """The schema's base config (every field at its default) with ``fields`` set."""
+    config = schema.base_config()
+    config.update(fields)
     return config
 
 
@@ -634,27 +643,20 @@ def test_from_config_imagenet_8k():
     np.testing.assert_allclose(upd["Dense_0"]["kernel"], -1.9 * 0.1 * (g + 1e-4 * w), rtol=1e-5)
 
 
-def test_from_config_defaults_when_missing():
+def test_from_config_supplies_no_defaults_of_its_own():
+    """Every field comes from the config (the schema holds the defaults): a missing one is an error."""
     config = _imagenet_config()
     del config["decay"]
-    del config["decay_epochs"]
-    _, schedule = optim.from_config(config, SPE)
-    assert _lr(schedule, 4680) == pytest.approx(0.32)
+    with pytest.raises(AttributeError, match="decay"):
+        optim.from_config(config, SPE)
 
 
 def test_from_config_plain_object_and_sgd():
-    class Cfg:
-        num_workers = 4
-        per_worker_batch_size = 64
-        base_learning_rate = 0.2
-        warmup = "none"
-        warmup_epochs = 0
-        num_epochs = 2
-        optimizer = "sgd"
-        decay = "none"
-        nesterov = False
+    fields = dict(num_workers=4, per_worker_batch_size=64, base_learning_rate=0.2, warmup="none", warmup_epochs=0)
+    fields.update(num_epochs=2, optimizer="sgd", decay="none", nesterov=False)
+    cfg = types.SimpleNamespace(**{**schema.base_config().to_dict(), **fields})  # attribute access only
 
-    tx, schedule = optim.from_config(Cfg(), 10)
+    tx, schedule = optim.from_config(cfg, 10)
     assert _lr(schedule, 0) == pytest.approx(0.2)
     params, grads = _layered()
     upd = _first_update(tx, params, grads)  # no weight decay for 'sgd'
@@ -662,7 +664,7 @@ def test_from_config_plain_object_and_sgd():
 
 
 def test_from_config_digits_like_cosine():
-    config = ml_collections.ConfigDict(
+    config = _config(
         dict(
             num_workers=8,
             per_worker_batch_size=16,
@@ -733,10 +735,16 @@ def test_from_config_unknown_names(overrides, field):
 # ---------------------------------------------------------------------------
 
 
-def test_module_imports_only_jax_and_optax():
-    source = pathlib.Path(optim.__file__).read_text()
-    imported = set(re.findall(r"^(?:import|from)\s+([\w.]+)", source, flags=re.M))
-    assert imported <= {"typing", "jax", "jax.numpy", "optax"}, imported
+def test_pure_pieces_import_only_jax_and_optax():
+    """Every module of lbsgd.optim but the config bridge (factory) needs only jax and optax (and each other)."""
+    package = pathlib.Path(optim.__file__).parent
+    pure = sorted(p for p in package.glob("*.py") if p.stem not in ("__init__", "factory"))
+    assert {p.stem for p in pure} >= {"scaling", "schedules", "transforms"}
+    for path in pure:
+        imported = set(re.findall(r"^(?:import|from)\s+([\w.]+)", path.read_text(), flags=re.M))
+        own = {name for name in imported if name.startswith("lbsgd")}
+        assert all(name.startswith("lbsgd.optim.") and name != "lbsgd.optim.factory" for name in own), (path.name, own)
+        assert imported - own <= {"__future__", "typing", "jax", "jax.numpy", "optax"}, (path.name, imported)
 
 
 def test_readme_snippet_runs(capsys):
@@ -802,9 +810,9 @@ def test_schedule_uses_the_rule_for_its_peak_and_warms_up_only_to_a_higher_rate(
 
 def test_from_config_scaling_rules():
     def cfg(**kw):
-        c = ml_collections.ConfigDict(dict(num_workers=16, per_worker_batch_size=64, base_learning_rate=0.1,
-                                           warmup="none", warmup_epochs=0, num_epochs=1, optimizer="goyal_sgd",
-                                           decay="none"))
+        c = _config(dict(num_workers=16, per_worker_batch_size=64, base_learning_rate=0.1,
+                         warmup="none", warmup_epochs=0, num_epochs=1, optimizer="goyal_sgd",
+                         decay="none"))
         c.update(kw)
         return c
 

@@ -1,6 +1,7 @@
 """Decentralized strategies (issue #9) against independent expectations: hand-written mixing matrices,
 numpy eigenvalues, conservation laws, a hand-computed quadratic trajectory, and allreduce SGD itself."""
 
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -419,7 +420,8 @@ def test_good_strategy_settings_pass_and_defaults_match_the_modules():
     ):
         validate.check_config(_config(**fields))
     c = _config()
-    assert dict(c.dpsgd) == strategies.dpsgd.OPTIONS and dict(c.gossip) == strategies.gossip.OPTIONS
+    assert dict(c.dpsgd) == dataclasses.asdict(strategies.dpsgd.DPSGDOptions())
+    assert dict(c.gossip) == dataclasses.asdict(strategies.gossip.GossipOptions())
     assert strategies.from_config(_config(strategy="dpsgd"), 8).describe() == {
         "strategy": "dpsgd", "topology": "ring", "form": "awc"
     }

@@ -3,7 +3,6 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -11,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import tiny_config
 from lbsgd import optim, strategies, train
+from lbsgd.config import schema
 from lbsgd.parallel import layout as layout_lib
 
 K, N = 8, 4
@@ -397,7 +397,8 @@ def test_bfloat16_train_steps_close_to_float32():
     lay = layout_lib.make_layout(K, 2)
     moved = {}
     for dtype in ("float32", "bfloat16"):
-        config = ml_collections.ConfigDict(dict(model="resnet4", model_width=8, dtype=dtype))
+        config = schema.base_config()
+        config.model, config.model_width, config.dtype = "resnet4", 8, dtype
         model = train.build_model(config, 10)
         assert model.dtype == getattr(jnp, dtype) and model.width == 8 and tuple(model.stage_sizes) == (1,)
         state = _host_state(model, tx, lay, (8, 8, 3), seed=0)
@@ -444,8 +445,10 @@ def test_train_step_compiles_once_across_logging_evaluation_checkpoints_and_resu
 
         return wrapper
 
-    monkeypatch.setattr(train, "make_train_step", recording(train.make_train_step))
-    monkeypatch.setattr(train, "make_eval_step", recording(train.make_eval_step))
+    from lbsgd.trainer import build
+
+    monkeypatch.setattr(build, "make_train_step", recording(train.make_train_step))
+    monkeypatch.setattr(build, "make_eval_step", recording(train.make_eval_step))
     config = tiny_config(
         data_dir, per_worker_batch_size=64, num_epochs=10, max_steps=5, checkpoint_every_steps=2, log_every_steps=1,
         eval_every_epochs=1,
@@ -468,7 +471,9 @@ def test_init_program_at_cpu_level_1_gives_bitwise_the_default_compile_s_state(m
     lay = layout_lib.make_layout(K, 2)
     got = train.create_train_state(model, tx, lay, image_shape, seed=5)
     assert train.init_compiler_options("cpu") == train.INIT_CPU_COMPILER_OPTIONS != {}
-    monkeypatch.setattr(train, "init_compiler_options", lambda platform: {})  # XLA's defaults
+    from lbsgd.trainer import state as state_lib
+
+    monkeypatch.setattr(state_lib, "init_compiler_options", lambda platform: {})  # XLA's defaults
     want = train.create_train_state(model, tx, lay, image_shape, seed=5)
     got_leaves, want_leaves = jax.tree.leaves(got), jax.tree.leaves(want)
     assert len(got_leaves) == len(want_leaves) > 10

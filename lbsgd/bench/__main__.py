@@ -2,7 +2,7 @@
 
 import sys
 
-from lbsgd.bench import main
+from lbsgd.bench.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

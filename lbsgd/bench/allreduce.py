@@ -12,6 +12,8 @@ import os
 import re
 from typing import Sequence
 
+import numpy as np
+
 from lbsgd import cli
 from lbsgd.bench import common
 
@@ -65,8 +67,8 @@ def default_repeats(nbytes: int) -> int:
     return 3
 
 
-def main(argv: Sequence[str]) -> int:
-    """``python -m lbsgd.bench allreduce``: ring / halving_doubling vs psum; 0 if every sum was exact, else 1."""
+def make_parser() -> cli.ArgumentParser:
+    """The flags of ``bench allreduce``."""
     ap = cli.ArgumentParser(
         prog="python -m lbsgd.bench allreduce",
         description="Time allreduce algorithms (Goyal et al. §4) against lax.psum on the first p devices.",
@@ -91,13 +93,74 @@ def main(argv: Sequence[str]) -> int:
         help="timed calls per point (default: 20 up to 1MB, 5 up to 16MB, 3 above)",
     )
     ap.add_argument("--json", default=None, help="write results to this path")
-    args = ap.parse_args(argv)
+    return ap
 
-    common.ensure_host_devices(8)
+
+def time_point(devices: Sequence, nbytes: int, methods: Sequence[str], repeats: int, kind: str) -> list[dict]:
+    """Time every method on p = len(``devices``) workers of ``nbytes`` each; one row per method (psum first).
+
+    Worker r holds r+1 everywhere, so every sum must be exactly p(p+1)/2 (``correct``); the warm-up call
+    is the checked one, then ``repeats`` timed calls. Prints one line per method as it goes.
+    """
+    # Imported here, not at module level: JAX must start after ensure_host_devices has set XLA_FLAGS.
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from lbsgd.parallel import aggregators as agg
+
+    p, n = len(devices), nbytes // 4
+    mesh = Mesh(np.array(devices), ("w",))
+    sharding = NamedSharding(mesh, P("w"))
+    # Worker r holds r+1 everywhere: every sum is exactly p(p+1)/2.
+    x = jax.make_array_from_callback(
+        (p * n,), sharding, lambda idx: np.full(n, (idx[0].start or 0) // n + 1, np.float32)
+    )
+    jax.block_until_ready(x)
+    expected = p * (p + 1) / 2
+    rows, base = [], None
+    for method in methods:
+        fn = agg.FLAT_ALGORITHMS[method]
+        f = jax.jit(jax.shard_map(lambda v, fn=fn: fn(v, "w"), mesh=mesh, in_specs=P("w"), out_specs=P("w")))
+        compiled, compile_s = common.compile_timed(f, x)
+        y = jax.block_until_ready(compiled(x))  # the warm-up call, checked
+        ok = bool(jnp.all(y == expected))
+        del y
+        stats = common.summarize(
+            common.time_calls(lambda c=compiled, v=x: jax.block_until_ready(c(v)), repeats=repeats, warmup=0)
+        )
+        med = stats["median_s"]
+        if method == "psum":
+            base = med
+        rows.append(
+            dict(
+                method=method,
+                p=p,
+                bytes=nbytes,
+                **stats,
+                compile_s=compile_s,
+                ratio_to_psum=med / base,
+                correct=ok,
+                device_kind=kind,
+            )
+        )
+        print(
+            f"p={p} size={format_size(nbytes):>6} {method:<16} "
+            f"median {med * 1e3:9.3f} ms (min {stats['min_s'] * 1e3:.3f}, max {stats['max_s'] * 1e3:.3f})"
+            f"  x{med / base:5.2f} psum{'' if ok else '  WRONG RESULT'}",
+            flush=True,
+        )
+    del x
+    return rows
+
+
+def main(argv: Sequence[str]) -> int:
+    """``python -m lbsgd.bench allreduce``: ring / halving_doubling vs psum; 0 if every sum was exact, else 1."""
+    ap = make_parser()
+    args = ap.parse_args(argv)
+    common.ensure_host_devices(8)
+    # Imported here, not at module level: JAX must start after ensure_host_devices has set XLA_FLAGS.
+    import jax
 
     from lbsgd.parallel import aggregators as agg
 
@@ -116,49 +179,8 @@ def main(argv: Sequence[str]) -> int:
         if p > len(devices):
             print(f"skipping p={p}: only {len(devices)} devices")
             continue
-        mesh = Mesh(np.array(devices[:p]), ("w",))
-        sharding = NamedSharding(mesh, P("w"))
         for nbytes in args.sizes:
-            n = nbytes // 4
-            # Worker r holds r+1 everywhere: every sum is exactly p(p+1)/2.
-            x = jax.make_array_from_callback(
-                (p * n,), sharding, lambda idx: np.full(n, (idx[0].start or 0) // n + 1, np.float32)
-            )
-            jax.block_until_ready(x)
-            expected = p * (p + 1) / 2
-            repeats = args.repeats or default_repeats(nbytes)
-            base = None
-            for method in methods:
-                fn = agg.FLAT_ALGORITHMS[method]
-                f = jax.jit(jax.shard_map(lambda v, fn=fn: fn(v, "w"), mesh=mesh, in_specs=P("w"), out_specs=P("w")))
-                compiled, compile_s = common.compile_timed(f, x)
-                y = jax.block_until_ready(compiled(x))  # the warm-up call, checked
-                ok = bool(jnp.all(y == expected))
-                del y
-                stats = common.summarize(
-                    common.time_calls(lambda c=compiled, v=x: jax.block_until_ready(c(v)), repeats=repeats, warmup=0)
-                )
-                med = stats["median_s"]
-                if method == "psum":
-                    base = med
-                row = dict(
-                    method=method,
-                    p=p,
-                    bytes=nbytes,
-                    **stats,
-                    compile_s=compile_s,
-                    ratio_to_psum=med / base,
-                    correct=ok,
-                    device_kind=kind,
-                )
-                results.append(row)
-                print(
-                    f"p={p} size={format_size(nbytes):>6} {method:<16} "
-                    f"median {med * 1e3:9.3f} ms (min {stats['min_s'] * 1e3:.3f}, max {stats['max_s'] * 1e3:.3f})"
-                    f"  x{med / base:5.2f} psum{'' if ok else '  WRONG RESULT'}",
-                    flush=True,
-                )
-            del x
+            results += time_point(devices[:p], nbytes, methods, args.repeats or default_repeats(nbytes), kind)
 
     print()
     print(format_table(results))

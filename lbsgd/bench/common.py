@@ -11,6 +11,9 @@ devices (``ensure_host_devices``) before JAX starts.
 
 from __future__ import annotations
 
+import collections
+import glob
+import gzip
 import json
 import math
 import os
@@ -18,6 +21,8 @@ import statistics
 import sys
 import time
 from typing import Any, Callable, Sequence
+
+import numpy as np
 
 
 def write_json(path: str | None, result: dict) -> None:
@@ -148,10 +153,6 @@ def top_ops(trace_dir: str, count: int = 15) -> dict[str, Any]:
     ``{'trace', 'timelines', 'total_s', 'ops': [{'name', 'total_s', 'calls', 'share'}, ...]}``, the ops by
     total time (at most ``count``), ``share`` of ``total_s``, the sum over every op on those timelines.
     """
-    import collections
-    import glob
-    import gzip
-
     traces = sorted(glob.glob(os.path.join(trace_dir, "**", "*perfetto_trace.json.gz"), recursive=True))
     if not traces:
         raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
@@ -258,9 +259,9 @@ def measure_peak_flops(devices: Sequence, dtype: str, *, size: int = 0, iters: i
     ``repeats`` timed calls after one warm-up gives ``peak_flops_per_s`` = d x iters x 2 size^3 / seconds.
     Where several "devices" share cores (simulated CPU devices) this is the peak they reach together.
     """
+    # Imported here, not at module level: every subcommand imports this module before it parses its flags.
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     devices = list(devices)

@@ -1,8 +1,9 @@
 r"""``python -m lbsgd.bench workers``: what it costs to run m of Goyal's workers on one device.
 
-For each m, the real train step (lbsgd.train.make_train_step, goyal_sgd) runs m workers x n examples
-on one device in three ways and reports images/s (median over repeats, compilation timed apart) and the
-peak device memory of the compiled step (XLA's memory analysis):
+For each m, the real train step (the one a run trains with: ``lbsgd.trainer.build`` through
+``lbsgd.bench.harness``, goyal_sgd) runs m workers x n examples on one device in three ways and reports
+images/s (median over repeats, compilation timed apart) and the peak device memory of the compiled step
+(XLA's memory analysis):
 
 * ``vmap``       all m workers in one pass, per-worker BN statistics (the default);
 * ``accumulate`` m sequential microsteps of one worker each (least memory);
@@ -42,21 +43,22 @@ def time_workers(model_name: str, image_size: int, dtype: str, m: int, n: int, m
     Returns ``common.summarize`` of the timed steps plus ``compile_s`` and ``peak_memory_bytes``
     (per device, XLA's memory analysis; None where the backend has none).
     """
-    from lbsgd.bench.step import build_model, measure_step
+    # Imported here, not at module level: they import JAX, which must not start before flags are parsed.
+    from lbsgd.bench import harness
     from lbsgd.parallel import layout as layout_lib
 
     k, n_eff, acc = (1, m * n, 1) if mode == "one_bn" else (m, n, m if mode == "accumulate" else 1)
     num_classes = 1000 if image_size >= 64 else 10
-    model = build_model(model_name, num_classes=num_classes, dtype=dtype)
-    result = measure_step(
-        model,
-        layout_lib.make_layout(k, 1),
+    config = harness.bench_config(
+        model_name,
+        num_workers=k,
         per_worker_batch_size=n_eff,
         image_size=image_size,
-        num_classes=num_classes,
-        repeats=repeats,
+        dtype=dtype,
         accumulation_steps=acc,
     )
+    program = harness.build_program(config, layout_lib.make_layout(k, 1), num_classes=num_classes)
+    result = harness.measure_step(program, num_classes=num_classes, repeats=repeats)
     memory = result["memory"] or {}
     return {
         **common.summarize(result["times"]),
@@ -65,52 +67,69 @@ def time_workers(model_name: str, image_size: int, dtype: str, m: int, n: int, m
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark; prints a table (images/s and peak MiB per mode) and returns 0."""
-    args = _parse(sys.argv[1:] if argv is None else argv)
-    import jax
+def measure_row(args, m: int, modes: Sequence[str]) -> dict:
+    """Images/s, median step time and peak memory of every mode for m workers (None where a mode failed)."""
+    n = args.per_worker_batch_size
+    row = {"m": m, "examples": m * n}
+    for md in modes:
+        if md == "accumulate" and m == 1:  # one worker: nothing to accumulate, the same program as vmap
+            for key in ("", "_peak_memory_bytes", "_step_time_median_s"):
+                row[md + key] = row.get("vmap" + key)
+            continue
+        try:
+            t = time_workers(args.model, args.image_size, args.dtype, m, n, md, args.repeats)
+            row[md] = m * n / t["median_s"]
+            row[md + "_step_time_median_s"] = t["median_s"]
+            row[md + "_peak_memory_bytes"] = t["peak_memory_bytes"]
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory at large m: report and go on
+            row[md] = row[md + "_step_time_median_s"] = row[md + "_peak_memory_bytes"] = None
+            print(f"   m={m} {md}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    return row
 
-    image_size = args.image_size or (224 if args.model in IMAGENET_MODELS else 32)
-    ms = [int(x) for x in args.workers.split(",")]
-    modes = args.modes.split(",")
-    dev = jax.devices()[0]
-    print(
-        f"device: {dev.device_kind} ({jax.default_backend()}), model {args.model} at {image_size}x{image_size}, "
-        f"{args.dtype}, n={args.per_worker_batch_size} per worker, median of {args.repeats}"
-    )
-    rows = []
-    print(
+
+def header(modes: Sequence[str]) -> str:
+    """The table's header line: m, examples, images/s and MiB per mode, the ratios."""
+    return (
         f"{'m':>3} {'examples':>8} "
         + " ".join(f"{md + ' img/s':>16}" for md in modes)
         + " "
         + " ".join(f"{md + ' MiB':>14}" for md in modes)
         + "   ratios to one_bn"
     )
+
+
+def format_row(row: dict, modes: Sequence[str]) -> str:
+    """One table line: images/s and peak MiB per mode ('-' where none) and the ratios to one_bn."""
+    base = row.get("one_bn")
+    ratios = " ".join(f"{md}={row[md] / base:.2f}" for md in modes if md != "one_bn" and row.get(md) and base)
+    mem = [row.get(md + "_peak_memory_bytes") for md in modes]
+    return (
+        f"{row['m']:>3} {row['examples']:>8} "
+        + " ".join(f"{row[md]:>16.1f}" if row.get(md) else f"{'-':>16}" for md in modes)
+        + " "
+        + " ".join(f"{b / (1 << 20):>14.1f}" if b else f"{'-':>14}" for b in mem)
+        + f"   {ratios}"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; prints a table (images/s and peak MiB per mode) and returns 0."""
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    import jax  # after the flags: see ``time_workers``
+
+    args.image_size = args.image_size or (224 if args.model in IMAGENET_MODELS else 32)
+    ms = [int(x) for x in args.workers.split(",")]
+    modes = args.modes.split(",")
+    dev = jax.devices()[0]
+    print(
+        f"device: {dev.device_kind} ({jax.default_backend()}), model {args.model} at {args.image_size}x"
+        f"{args.image_size}, {args.dtype}, n={args.per_worker_batch_size} per worker, median of {args.repeats}"
+    )
+    rows = []
+    print(header(modes))
     for m in ms:
-        row = {"m": m, "examples": m * args.per_worker_batch_size}
-        for md in modes:
-            if md == "accumulate" and m == 1:  # one worker: nothing to accumulate, the same program as vmap
-                for key in ("", "_peak_memory_bytes", "_step_time_median_s"):
-                    row[md + key] = row.get("vmap" + key)
-                continue
-            try:
-                t = time_workers(args.model, image_size, args.dtype, m, args.per_worker_batch_size, md, args.repeats)
-                row[md] = m * args.per_worker_batch_size / t["median_s"]
-                row[md + "_step_time_median_s"] = t["median_s"]
-                row[md + "_peak_memory_bytes"] = t["peak_memory_bytes"]
-            except Exception as e:  # noqa: BLE001 - e.g. out of memory at large m: report and go on
-                row[md] = row[md + "_step_time_median_s"] = row[md + "_peak_memory_bytes"] = None
-                print(f"   m={m} {md}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-        base = row.get("one_bn")
-        ratios = " ".join(f"{md}={row[md] / base:.2f}" for md in modes if md != "one_bn" and row.get(md) and base)
-        mem = [row.get(md + "_peak_memory_bytes") for md in modes]
-        print(
-            f"{m:>3} {row['examples']:>8} "
-            + " ".join(f"{row[md]:>16.1f}" if row.get(md) else f"{'-':>16}" for md in modes)
-            + " "
-            + " ".join(f"{b / (1 << 20):>14.1f}" if b else f"{'-':>14}" for b in mem)
-            + f"   {ratios}"
-        )
+        row = measure_row(args, m, modes)
+        print(format_row(row, modes))
         rows.append(row)
     common.write_json(
         args.json,
@@ -118,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "device": dev.device_kind,
             "backend": jax.default_backend(),
             "model": args.model,
-            "image_size": image_size,
+            "image_size": args.image_size,
             "dtype": args.dtype,
             "rows": rows,
         },

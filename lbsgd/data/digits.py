@@ -2,7 +2,8 @@
 
 The images ship inside scikit-learn, so nothing is downloaded. The builder writes them once into the
 TFDS data directory (array_record files, like any prepared TFDS dataset), after which the digits go
-through exactly the same tfds + tf.data code path as ImageNet.
+through exactly the same tfds + tf.data code path as ImageNet. ``config.dataset='digits'`` opens them
+(:func:`load`).
 
 Split: a fixed stratified split (seed 0) into 1,437 training and 360 test images.
 Pixels: scikit-learn's 0..16 intensities mapped to 0..255 (round(v * 255 / 16)), one channel.
@@ -13,8 +14,12 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
+from lbsgd.data import sources
+
 NUM_TEST = 360
 SPLIT_SEED = 0
+NUM_CLASSES, CHANNELS = 10, 1
+MEAN, STD = (0.3053,), (0.3759,)  # per channel, on the 0..1 scale
 
 
 def split_indices() -> tuple[np.ndarray, np.ndarray]:
@@ -65,3 +70,11 @@ def builder(data_dir: str | None) -> LbsgdDigits:
     if not b.is_prepared():
         b.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
     return b
+
+
+@sources.register("digits")
+def load(name: str, data_dir: str | None) -> sources.Dataset:
+    """The digits as a :class:`sources.Dataset` ('train' and 'test'), prepared into ``data_dir`` if needed."""
+    b = builder(data_dir)
+    train, test = sources.tfds_split(b, "train"), sources.tfds_split(b, "test")
+    return sources.Dataset("digits", train, test, NUM_CLASSES, CHANNELS, MEAN, STD)

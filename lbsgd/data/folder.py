@@ -1,4 +1,4 @@
-"""Image folders as a dataset (``config.dataset='folder:<path>'``), read by the same pipeline as ImageNet.
+"""Image folders as a source (``config.dataset='folder:<path>'``), read by the same pipeline as ImageNet.
 
 Layout (one sub-folder per class, as ImageNet's own train/val folders)::
 
@@ -17,7 +17,8 @@ import os
 
 import tensorflow as tf
 
-from lbsgd.data import pipeline
+from lbsgd.data import sources
+from lbsgd.data.sources import DataError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png")
 EVAL_DIRS = ("val", "validation", "test")
@@ -44,41 +45,41 @@ def _files(split_dir: str, classes: list[str]) -> tuple[list[str], list[int]]:
     return paths, labels
 
 
-def _split(paths: list[str], labels: list[int]) -> pipeline.Split:
-    """A random-access :class:`pipeline.Split` reading file ``paths[i]`` with label ``labels[i]``."""
+def _split(paths: list[str], labels: list[int]) -> sources.Split:
+    """A random-access :class:`sources.Split` reading file ``paths[i]`` with label ``labels[i]``."""
     path_table = tf.constant(paths, tf.string)
     label_table = tf.constant(labels, tf.int64)
 
     def read(i):
         return tf.io.read_file(tf.gather(path_table, i)), tf.gather(label_table, i)
 
-    return pipeline.Split(num_examples=len(paths), read=read, describe=lambda i: paths[i])
+    return sources.Split(num_examples=len(paths), read=read, describe=lambda i: paths[i])
 
 
-def load(path: str) -> pipeline.Dataset:
-    """Open ``path`` laid out as ``train/<class>/*`` and ``val|validation|test/<class>/*`` (see module doc).
+@sources.register("folder:")
+def load(path: str, data_dir: str | None = None) -> sources.Dataset:
+    """Open ``path`` laid out as ``train/<class>/*`` and ``val|validation|test/<class>/*`` (see module doc);
+    ``data_dir`` is not used (the path names the files).
 
-    Raises ``pipeline.DataError`` (one line, with the fix) when the folder, its class sub-folders, its
+    Raises ``DataError`` (one line, with the fix) when the folder, its class sub-folders, its
     evaluation folder or its images are missing, or the evaluation folder has a class train lacks.
     """
     layout = f"lay it out as {path}/train/<class>/*.jpg and {path}/val/<class>/*.jpg"
     root = os.path.expanduser(path)
     if not os.path.isdir(root):
-        raise pipeline.DataError(f"folder dataset {path!r} does not exist; {layout}")
+        raise DataError(f"folder dataset {path!r} does not exist; {layout}")
     train_dir = os.path.join(root, "train")
     if not os.path.isdir(train_dir):
-        raise pipeline.DataError(f"folder dataset {path!r} has no 'train' sub-folder; {layout}")
+        raise DataError(f"folder dataset {path!r} has no 'train' sub-folder; {layout}")
     classes = _classes(train_dir)
     if not classes:
-        raise pipeline.DataError(f"{train_dir!r} has no class sub-folders; {layout}")
+        raise DataError(f"{train_dir!r} has no class sub-folders; {layout}")
     eval_dir = next((os.path.join(root, d) for d in EVAL_DIRS if os.path.isdir(os.path.join(root, d))), None)
     if eval_dir is None:
-        raise pipeline.DataError(
-            f"folder dataset {path!r} has no evaluation sub-folder ({', '.join(EVAL_DIRS)}); {layout}"
-        )
+        raise DataError(f"folder dataset {path!r} has no evaluation sub-folder ({', '.join(EVAL_DIRS)}); {layout}")
     extra = sorted(set(_classes(eval_dir)) - set(classes))
     if extra:
-        raise pipeline.DataError(
+        raise DataError(
             f"{eval_dir!r} has classes that {train_dir!r} lacks ({', '.join(extra[:5])}); "
             f"give every class a train sub-folder"
         )
@@ -86,15 +87,15 @@ def load(path: str) -> pipeline.Dataset:
     evals = _files(eval_dir, classes)
     for name, (paths, _) in (("train", train), (os.path.basename(eval_dir), evals)):
         if not paths:
-            raise pipeline.DataError(
+            raise DataError(
                 f"folder dataset {path!r} has no {'/'.join(EXTENSIONS)} images under {name}/<class>/; {layout}"
             )
-    return pipeline.Dataset(
+    return sources.Dataset(
         name=f"folder:{path}",
         train=_split(*train),
         eval=_split(*evals),
         num_classes=len(classes),
         channels=CHANNELS,
-        mean=pipeline.IMAGENET_MEAN,
-        std=pipeline.IMAGENET_STD,
+        mean=sources.IMAGENET_MEAN,
+        std=sources.IMAGENET_STD,
     )

@@ -1,62 +1,50 @@
-"""One tf.data input pipeline for every dataset (digits, ImageNet, image folders).
+"""One tf.data input pipeline for every dataset (digits, ImageNet, image folders): the iterators.
 
-A dataset is a pair of random-access *splits*: ``read(index) -> (encoded image bytes, label)`` as a
-TF function. Random access is what makes Goyal's Remark 4 order exact: the pipeline asks for the
-examples of ``order.worker_batches(...)`` in order, this process only for its own workers' slices,
-decodes and augments them in parallel tf.data maps (augmentation randomness is a function of
-(seed, epoch, example) only), batches and prefetches.
+A dataset (``lbsgd.data.sources``, opened by name with :func:`load` from ``lbsgd.data.loaders``) is a pair of
+random-access *splits*: ``read(index) -> (encoded image bytes, label)`` as a TF function. Random access is
+what makes Goyal's Remark 4 order exact: the pipeline asks for the examples of ``order.worker_batches(...)``
+in order, this process only for its own workers' slices, decodes and augments them in parallel tf.data maps
+(augmentation randomness is a function of (seed, epoch, example) only), batches and prefetches.
 
-TFDS datasets are read through ``tfds`` data sources, which need the array_record file format
-(``tfds build --file_format=array_record``); the digits builder writes that format itself.
+``load``, ``DataError``, ``Dataset``, ``Split``, ``in_memory_split`` and ``IMAGENET_MEAN``/``IMAGENET_STD`` are
+re-exported here for callers that know the pipeline only (tests patch ``sources.IN_MEMORY_MAX_BYTES``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
-from lbsgd.data import order
-from lbsgd.data import preprocess
+from lbsgd.data import order, preprocess
+from lbsgd.data.loaders import load
+from lbsgd.data.sources import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DataError,
+    Dataset,
+    Split,
+    first_line,
+    in_memory_split,
+)
 
-# The accelerators belong to JAX; tf.data runs on the host CPU only.
-tf.config.set_visible_devices([], "GPU")
-
-ReadFn = Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
-# A prepared TFDS split at most this large (encoded) is read into memory once when opened and served by
-# tf.gather: per example, one Python call through the array_record source would cost more than the
-# decoding and augmentation (digits: 32 -> 6 ms per 128-image batch on 2 cores).
-IN_MEMORY_MAX_BYTES = 64 << 20
-
-
-class DataError(ValueError):
-    """A dataset that cannot be found or read; the message says how to fix it."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Split:
-    """A random-access split: ``read(int64 index) -> (encoded image: tf.string, label: tf.int64)``;
-    ``describe(index)`` names the example (a file path) in error messages when the split can;
-    ``in_memory``: the encoded images are held in memory (``in_memory_split``)."""
-
-    num_examples: int
-    read: ReadFn
-    describe: Callable[[int], str] | None = None
-    in_memory: bool = False
-
-
-def _first_line(error: Exception) -> str:
-    text = getattr(error, "message", None) or str(error)
-    return " ".join(text.strip().splitlines()[0].split()) if text.strip() else type(error).__name__
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "DataError",
+    "Dataset",
+    "Split",
+    "eval_iterator",
+    "in_memory_split",
+    "load",
+    "train_iterator",
+]
 
 
 def _undecodable(split: Split, indices, dataset_name: str, error: Exception) -> str:
     """One line naming the example of ``indices`` that cannot be decoded (or the error, if none is found)."""
-    decode = lambda j: tf.io.decode_image(split.read(j)[0], expand_animations=False)  # noqa: E731
+    decode = lambda j: tf.io.decode_image(split.read(j)[0], expand_animations=False)
     for i in indices:
         try:  # through tf.data, as training reads it (eager TF would print its start-up notices)
             for _ in tf.data.Dataset.from_tensors(tf.constant(int(i), tf.int64)).map(decode).as_numpy_iterator():
@@ -64,7 +52,7 @@ def _undecodable(split: Split, indices, dataset_name: str, error: Exception) -> 
         except tf.errors.OpError:
             what = split.describe(int(i)) if split.describe else f"example {int(i)}"
             return f"{what} of {dataset_name} cannot be decoded as an image; replace or remove it"
-    return f"reading {dataset_name} failed: {_first_line(error)}; check that its files are intact images"
+    return f"reading {dataset_name} failed: {first_line(error)}; check that its files are intact images"
 
 
 def _checked(iterator, split: Split, dataset_name: str, indices_of: Callable[[int], np.ndarray]):
@@ -81,100 +69,6 @@ def _checked(iterator, split: Split, dataset_name: str, indices_of: Callable[[in
             raise DataError(_undecodable(split, indices_of(j), dataset_name, e)) from None
         yield batch
         j += 1
-
-
-@dataclasses.dataclass(frozen=True)
-class Dataset:
-    """A training split, an evaluation split and what the model needs to know about them."""
-
-    name: str
-    train: Split
-    eval: Split
-    num_classes: int
-    channels: int
-    mean: tuple[float, ...]  # per-channel, on the 0..1 scale
-    std: tuple[float, ...]
-
-
-DIGITS_MEAN, DIGITS_STD = (0.3053,), (0.3759,)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def _tfds_split(builder, split: str) -> Split:
-    """Wrap a prepared TFDS split (array_record) as a random-access :class:`Split`."""
-    try:
-        source = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
-    except Exception as e:  # noqa: BLE001 - re-raised with the fix
-        raise DataError(
-            f"cannot open {builder.name}:{split} for random access ({e}); prepare it with "
-            f"`tfds build {builder.name} --file_format=array_record`"
-        ) from e
-
-    num_bytes = int(builder.info.splits[split].num_bytes or 0)
-    if 0 < num_bytes <= IN_MEMORY_MAX_BYTES:
-        examples = source.__getitems__(list(range(len(source))))
-        return in_memory_split([ex["image"] for ex in examples], [ex["label"] for ex in examples])
-
-    def read_py(i):
-        ex = source[int(i)]
-        return np.asarray(ex["image"], dtype=object).reshape(()), np.int64(ex["label"])
-
-    def read(i):
-        image, label = tf.numpy_function(read_py, [i], [tf.string, tf.int64], stateful=False)
-        return tf.ensure_shape(image, []), tf.ensure_shape(label, [])
-
-    return Split(num_examples=len(source), read=read)
-
-
-def in_memory_split(encoded_images, labels) -> Split:
-    """A :class:`Split` over encoded images held in memory: ``read`` is a ``tf.gather``, so tf.data
-    needs no Python call per example (the bytes, decoding and augmentation are those of the file)."""
-    images = tf.constant(np.asarray(list(encoded_images), dtype=object), tf.string)
-    labels = tf.constant(np.asarray(labels, dtype=np.int64), tf.int64)
-    read = lambda i: (tf.gather(images, i), tf.gather(labels, i))  # noqa: E731
-    return Split(num_examples=int(images.shape[0]), read=read, in_memory=True)
-
-
-def load(name: str, data_dir: str = "") -> Dataset:
-    """Open dataset ``name``: 'digits', 'imagenet2012', 'tfds:<name>' or 'folder:<path>'."""
-    data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or None
-    if name == "digits":
-        from lbsgd.data import digits
-
-        b = digits.builder(data_dir)
-        return Dataset("digits", _tfds_split(b, "train"), _tfds_split(b, "test"), 10, 1, DIGITS_MEAN, DIGITS_STD)
-    if name == "imagenet2012" or name.startswith("tfds:"):
-        tfds_name = name.split(":", 1)[-1]
-        try:
-            b = tfds.builder(tfds_name, data_dir=data_dir)
-        except Exception as e:  # noqa: BLE001
-            reason = _first_line(e).split(" Available datasets")[0]
-            raise DataError(
-                f"unknown TFDS dataset {tfds_name!r} ({reason}); check the name against tfds.list_builders() "
-                f"and --config.data_dir"
-            ) from e
-        if not b.is_prepared():
-            raise DataError(
-                f"TFDS dataset {tfds_name!r} is not prepared in {b.data_dir!r}; prepare it with "
-                f"`tfds build {tfds_name} --file_format=array_record` (ImageNet needs a manual download)"
-            )
-        eval_split = "validation" if "validation" in b.info.splits else "test"
-        channels = b.info.features["image"].shape[-1] or 3
-        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,) * channels, (0.25,) * channels)
-        return Dataset(
-            tfds_name,
-            _tfds_split(b, "train"),
-            _tfds_split(b, eval_split),
-            b.info.features["label"].num_classes,
-            channels,
-            mean,
-            std,
-        )
-    if name.startswith("folder:"):
-        from lbsgd.data import folder
-
-        return folder.load(name.split(":", 1)[1])
-    raise DataError(f"unknown dataset {name!r}: use 'digits', 'imagenet2012', 'tfds:<name>' or 'folder:<path>'")
 
 
 def _plain_tf(fn: Callable) -> Callable:
@@ -275,5 +169,5 @@ def eval_iterator(
     ds = ds.map(load_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(num_local_slots, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     ds = ds.with_options(_options(autotune=not split.in_memory))
-    indices_of = lambda j: idx[j * num_local_slots : (j + 1) * num_local_slots]  # noqa: E731
+    indices_of = lambda j: idx[j * num_local_slots : (j + 1) * num_local_slots]
     return _checked(ds.as_numpy_iterator(), split, dataset.name, indices_of)

@@ -13,11 +13,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lbsgd.errors import LayoutError
+
 AXIS = "devices"  # the mesh axis; one entry per device, each running k/d workers
-
-
-class LayoutError(ValueError):
-    """Workers that cannot be placed on the available devices; the message says how to fix it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,3 +99,9 @@ def make_layout(num_workers: int, num_devices: int = 0) -> WorkerLayout:
     for p in range(nproc):
         chosen += [dev for dev in everything if dev.process_index == p][:per_process]
     return WorkerLayout(num_workers=num_workers, devices=tuple(chosen), process_index=pid, num_processes=nproc)
+
+
+def global_batch(layout: WorkerLayout, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Assemble this process's rows into global arrays sharded over the mesh (worker-major)."""
+    sharding = layout.sharding(P(AXIS))
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}

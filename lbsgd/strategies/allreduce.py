@@ -12,32 +12,34 @@ import dataclasses
 
 import optax
 
-from lbsgd import commcost
+from lbsgd import costmodel
 from lbsgd.parallel import aggregators
+from lbsgd.strategies import registry
 from lbsgd.strategies.base import Strategy
 
 
+@registry.register("allreduce")
 @dataclasses.dataclass(frozen=True)
 class Allreduce(Strategy):
     """Sum the gradients over all workers, one optimizer step on the shared copy (Goyal et al. §2–§4)."""
 
-    name = "allreduce"
     per_worker = False
+    supports_noise_scale = True
+    uses_aggregation = True
     aggregation: str = "psum"
     bucket_mb: float = 25.0
 
-    supports_noise_scale = True
-
-    def update(self, ctx, tx, params, opt_state, extra, grad_params, grads):
-        """Σ over devices of the local workers' summed gradients, then ``tx``'s step (Remark 3)."""
-        return self.apply(ctx, tx, params, opt_state, extra, self.reduce(ctx, grads))
+    @classmethod
+    def from_config(cls, config, options, num_devices):
+        """``config.aggregation`` and ``config.bucket_mb``."""
+        return cls(aggregation=config.aggregation, bucket_mb=float(config.bucket_mb))
 
     def reduce(self, ctx, grads):
         """The gradient of the whole minibatch: Σ over devices of this device's workers' summed gradients."""
         return aggregators.allreduce_sum(grads, ctx.axis, method=self.aggregation, bucket_mb=self.bucket_mb)
 
-    def apply(self, ctx, tx, params, opt_state, extra, summed):
-        """One optimizer step of ``tx`` on the shared copy with the summed gradient."""
+    def apply(self, ctx, tx, params, opt_state, extra, grad_params, summed):
+        """One optimizer step of ``tx`` on the shared copy with the summed gradient (Remark 3)."""
         updates, opt_state = tx.update(summed, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, extra
 
@@ -48,7 +50,7 @@ class Allreduce(Strategy):
     def step_time(self, compute_s, num_workers, model_bytes, alpha, beta):
         """Compute, then the gradient allreduce (ring or halving/doubling by ``aggregation``; psum is
         modelled as ring)."""
-        cost = commcost.COSTS.get(self.aggregation, commcost.ring_cost)
+        cost = costmodel.COSTS.get(self.aggregation, costmodel.ring_cost)
         return compute_s + cost(num_workers, model_bytes, alpha, beta, 0.0)["time_s"]
 
     def describe(self):

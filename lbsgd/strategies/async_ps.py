@@ -35,25 +35,50 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from lbsgd import commcost
+from lbsgd import costmodel
 from lbsgd.parallel import aggregators
 from lbsgd.parallel.layout import AXIS
+from lbsgd.strategies import registry
 from lbsgd.strategies.base import Strategy, per_worker_values
 
 DELAYS = ("fixed", "random")
-OPTIONS = {"staleness": 0, "delay": "fixed"}  # config.async_ps defaults
 
 
+@dataclasses.dataclass(frozen=True)
+class AsyncPSOptions(registry.Options):
+    """``config.async_ps``: gradients up to ``staleness`` server steps old; pulls 'fixed' or 'random'."""
+
+    staleness: int = 0
+    delay: str = "fixed"
+
+    def validate(self):
+        """τ an integer >= 0; ``delay`` one of ``DELAYS``."""
+        if not registry.is_count(self.staleness, allow_zero=True):
+            return f"config.async_ps.staleness={self.staleness!r} must be an integer >= 0"
+        if self.delay not in DELAYS:
+            return f"config.async_ps.delay={self.delay!r} is unknown; use one of: {', '.join(DELAYS)}"
+        return None
+
+
+@registry.register(
+    "async_ps", AsyncPSOptions, section="async_ps", compare={"async_ps tau=k-1": ("async_ps.staleness={k_minus_1}",)}
+)
 @dataclasses.dataclass(frozen=True)
 class AsyncPS(Strategy):
     """Shared server parameters; workers compute on stale pulled copies; the server sums and steps."""
 
-    name = "async_ps"
     per_worker = False  # the server's parameters and optimizer state are one shared copy
     staleness: int = 0
     delay: str = "fixed"
     seed: int = 0
     num_workers: int = 1
+
+    @classmethod
+    def from_config(cls, config, options, num_devices):
+        """τ, delay model, seed and k."""
+        return cls(
+            staleness=options.staleness, delay=options.delay, seed=int(config.seed), num_workers=config.num_workers
+        )
 
     @property
     def grad_per_worker(self) -> bool:
@@ -78,10 +103,13 @@ class AsyncPS(Strategy):
         """Each worker's gradient is taken at its pulled (stale) copy."""
         return extra["copy"]
 
-    def update(self, ctx, tx, params, opt_state, extra, grad_params, grads):
-        """The server sums the k gradients and steps; then the workers due to pull copy the new x."""
+    def reduce(self, ctx, grads):
+        """The server's gradient: the sum of the k workers' (stale) gradients."""
         local = jax.tree.map(lambda g: jnp.sum(g, axis=0), grads)
-        total = aggregators.allreduce_sum(local, ctx.axis)
+        return aggregators.allreduce_sum(local, ctx.axis)
+
+    def apply(self, ctx, tx, params, opt_state, extra, grad_params, total):
+        """The server steps on the summed gradient; then the workers due to pull copy the new x."""
         updates, opt_state = tx.update(total, opt_state, params)
         params = optax.apply_updates(params, updates)
         m = ctx.workers_per_device
@@ -123,7 +151,7 @@ class AsyncPS(Strategy):
     def step_time(self, compute_s, num_workers, model_bytes, alpha, beta):
         """No barrier: a round lasts as long as the slower of a worker's cycle (compute, push its gradient,
         pull a model every τ+1 steps) and the server's one link, which carries all k pushes and pulls."""
-        message = commcost.message_time(model_bytes, alpha, beta)
+        message = costmodel.message_time(model_bytes, alpha, beta)
         pulls = 1.0 / (self.staleness + 1)
         return max(compute_s + message * (1.0 + pulls), num_workers * message * (1.0 + pulls))
 

@@ -1,23 +1,27 @@
 """The strategy interface: how k workers combine, and which state each of them owns.
 
-A *strategy* (GUIDE §6) answers five questions for the train step, and nothing else:
+A *strategy* answers these questions for the train step (``lbsgd.trainer.step``), and nothing else:
 
-1. **State** — ``init``: are the parameters and optimizer state shared (one copy, replicated) or per
-   worker (a leading axis of size k, sharded over the mesh like the per-worker BN statistics), and
-   what extra state does the strategy own (push-sum weights, an EASGD centre, …).
+1. **State** — ``init``/``specs``: are the parameters and optimizer state shared (one copy, replicated)
+   or per worker (a leading axis of size k, sharded over the mesh like the per-worker BN statistics),
+   and what extra state does the strategy own (push-sum weights, an EASGD centre, …).
 2. **Loss scale** — ``loss_denominator``: k·n when gradients are summed across workers (Remark 3),
    n when each worker steps on the mean gradient of its own examples.
 3. **Where the gradient is taken** — ``prepare``: the parameters each worker differentiates at (the
-   shared copy, its own copy, its copy after gossip, its de-biased push-sum copy).
-4. **Combine** — ``update``: from the workers' gradients to the new state (a sum then one optimizer
-   step, or each worker's own optimizer step plus neighbour mixing).
-5. **Report** — ``eval_params`` (which model evaluation uses), ``worker_params`` (for the consensus
-   distance), ``bytes_sent_per_worker_per_step``.
+   shared copy, its own copy, its copy after gossip, its de-biased push-sum copy), and
+   ``grad_per_worker``: whether those are one copy or one per worker.
+4. **Combine** — ``reduce``: from this device's workers' gradients to the gradient the step uses (the
+   sum over all k workers for allreduce; each worker's own for decentralized strategies); ``apply``:
+   from that gradient to the new state (one optimizer step, or each worker's own step plus mixing).
+5. **Report** — ``eval_params`` (which model evaluation uses), ``extra_eval_params``, ``worker_params``
+   (for the consensus distance), ``step_metrics``, ``bytes_sent_per_worker_per_step``, ``step_time``
+   (the α-β model of ``lbsgd.costmodel``) and ``describe`` (results.json's fields).
+6. **Construction** — ``from_config``: the strategy object of a run from its config and options.
 
-``prepare`` and ``update`` run inside ``jax.shard_map`` on this device's m = k/d workers (per-worker
-leaves have a leading axis of m there); ``init``, ``eval_params`` and ``worker_params`` run on global
-arrays. A strategy is one module and a registry line (``lbsgd.strategies``); the training loop never
-names one.
+``prepare``, ``reduce`` and ``apply`` run inside ``jax.shard_map`` on this device's m = k/d workers
+(per-worker leaves have a leading axis of m there); ``init``, ``eval_params`` and ``worker_params`` run
+on global arrays. A strategy is one module that registers itself (``lbsgd.strategies.registry``); the
+trainer never names one.
 """
 
 from __future__ import annotations
@@ -49,10 +53,17 @@ class StepContext:
 class Strategy:
     """Base class; subclasses set ``name`` and ``per_worker`` and override what differs."""
 
-    name: ClassVar[str] = ""
+    name: ClassVar[str] = ""  # set by ``registry.register``
     per_worker: ClassVar[bool] = True  # parameters and optimizer state carry a leading worker axis
-    # One gradient summed over all k workers, exposed as ``reduce``/``apply`` (the noise scale needs it).
+    # ``reduce`` returns one gradient summed over all k workers (the gradient noise scale needs it).
     supports_noise_scale: ClassVar[bool] = False
+    uses_aggregation: ClassVar[bool] = False  # ``config.aggregation``/``bucket_mb`` choose how it sums
+
+    @classmethod
+    def from_config(cls, config, options, num_devices: int) -> "Strategy":
+        """The strategy of a run: ``config`` (the whole run config), ``options`` (its ``registry.Options``
+        from ``config.<section>``) and the device count d. Default: no fields to set."""
+        return cls()
 
     @property
     def grad_per_worker(self) -> bool:
@@ -91,9 +102,18 @@ class Strategy:
         """The parameters each of this device's workers takes its gradient at (default: its own)."""
         return params
 
-    def update(self, ctx: StepContext, tx, params, opt_state, extra, grad_params, grads):
-        """New (params, opt_state, extra) from this device's workers' gradients."""
+    def reduce(self, ctx: StepContext, grads):
+        """The gradient the step is taken on, from this device's workers' gradients (default: each
+        worker's own, unchanged)."""
+        return grads
+
+    def apply(self, ctx: StepContext, tx, params, opt_state, extra, grad_params, reduced):
+        """New (params, opt_state, extra) from the ``reduce``d gradient taken at ``grad_params``."""
         raise NotImplementedError
+
+    def update(self, ctx: StepContext, tx, params, opt_state, extra, grad_params, grads):
+        """``apply`` after ``reduce``: new (params, opt_state, extra) from the workers' gradients."""
+        return self.apply(ctx, tx, params, opt_state, extra, grad_params, self.reduce(ctx, grads))
 
     def step_metrics(self, ctx: StepContext, extra) -> dict:
         """Scalars to log for this step, equal on every device (e.g. gradient staleness); none by default."""
@@ -120,7 +140,7 @@ class Strategy:
 
     def step_time(self, compute_s: float, num_workers: int, model_bytes: float, alpha: float, beta: float) -> float:
         """Modelled seconds per step: ``compute_s`` for a worker's forward/backward plus this strategy's
-        communication on a network of latency α and inverse bandwidth β (α-β model, ``lbsgd.commcost``)."""
+        communication on a network of latency α and inverse bandwidth β (α-β model, ``lbsgd.costmodel``)."""
         raise NotImplementedError
 
     def describe(self) -> dict:

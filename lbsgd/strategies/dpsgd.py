@@ -30,14 +30,27 @@ import dataclasses
 import numpy as np
 import optax
 
-from lbsgd import commcost
+from lbsgd import costmodel
 from lbsgd.parallel import mixing
+from lbsgd.strategies import registry
 from lbsgd.strategies.base import Strategy, local_steps
 
 FORMS = ("awc", "atc")
 TOPOLOGIES = mixing.DOUBLY_STOCHASTIC_TOPOLOGIES
 DEFAULT_TOPOLOGY = "ring"
-OPTIONS = {"form": "awc"}  # config.dpsgd defaults
+
+
+@dataclasses.dataclass(frozen=True)
+class DPSGDOptions(registry.Options):
+    """``config.dpsgd``: ``form`` 'awc' (Lian et al.'s Algorithm 1) or 'atc' (adapt then combine)."""
+
+    form: str = "awc"
+
+    def validate(self):
+        """``form`` is one of ``FORMS``."""
+        if self.form not in FORMS:
+            return f"config.dpsgd.form={self.form!r} is unknown; use one of: {', '.join(FORMS)}"
+        return None
 
 
 def mixing_pool(topology: str, k: int) -> list[np.ndarray]:
@@ -53,11 +66,22 @@ def mixing_pool(topology: str, k: int) -> list[np.ndarray]:
     raise ValueError(f"unknown topology {topology!r}; use one of {', '.join(TOPOLOGIES)}")
 
 
+@registry.register(
+    "dpsgd",
+    DPSGDOptions,
+    section="dpsgd",
+    topologies=TOPOLOGIES,  # the first, ring, is the default
+    compare={
+        "dpsgd ring": ("topology=ring",),
+        "dpsgd exponential": ("topology=exponential",),
+        "dpsgd complete": ("topology=complete",),
+        "dpsgd one-peer-exp": ("topology=one_peer_exponential",),
+    },
+)
 @dataclasses.dataclass(frozen=True)
 class DPSGD(Strategy):
     """Each worker: own optimizer step, then (or while) averaging with its neighbours by W."""
 
-    name = "dpsgd"
     per_worker = True
     topology: str = DEFAULT_TOPOLOGY
     form: str = "awc"
@@ -69,6 +93,12 @@ class DPSGD(Strategy):
         """The k × k mixing matrices, used in turn (t mod len)."""
         return mixing_pool(self.topology, self.num_workers)
 
+    @classmethod
+    def from_config(cls, config, options, num_devices):
+        """Topology (default ring), form, k and d."""
+        topology = registry.topology_of(config)
+        return cls(topology=topology, form=options.form, num_devices=num_devices, num_workers=config.num_workers)
+
     def _plans(self):
         return [mixing.plan(w, self.num_devices) for w in self.pool]
 
@@ -77,7 +107,7 @@ class DPSGD(Strategy):
         plans = self._plans()
         return mixing.mix(tree, plans, ctx.axis, index=ctx.step % len(plans))
 
-    def update(self, ctx, tx, params, opt_state, extra, grad_params, grads):
+    def apply(self, ctx, tx, params, opt_state, extra, grad_params, grads):
         """AWC: mix(x) + u; ATC: mix(x + u)."""
         updates, opt_state = local_steps(tx, grads, opt_state, params)
         if self.form == "atc":
@@ -91,7 +121,7 @@ class DPSGD(Strategy):
     def step_time(self, compute_s, num_workers, model_bytes, alpha, beta):
         """Out-degree messages of the model, one after another on the worker's link; overlapped with
         compute for ``awc`` (max), after it for ``atc`` (sum)."""
-        comm = mixing.messages_per_worker(self.pool) * commcost.message_time(model_bytes, alpha, beta)
+        comm = mixing.messages_per_worker(self.pool) * costmodel.message_time(model_bytes, alpha, beta)
         return max(compute_s, comm) if self.form == "awc" else compute_s + comm
 
     def describe(self):

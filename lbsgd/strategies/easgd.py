@@ -25,23 +25,48 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from lbsgd import commcost
+from lbsgd import costmodel
 from lbsgd.parallel import mixing
+from lbsgd.strategies import registry
 from lbsgd.strategies.base import Strategy, local_steps
 
-OPTIONS = {"beta": 0.8, "period": 1}  # config.easgd defaults
+
+@dataclasses.dataclass(frozen=True)
+class EASGDOptions(registry.Options):
+    """``config.easgd``: moving rate α = ``beta`` / k, an exchange with the centre every ``period`` steps."""
+
+    beta: float = 0.8
+    period: int = 1
+
+    def validate(self):
+        """β in [0, 1]; τ a positive integer."""
+        if not registry.is_number_in(self.beta, 0, 1):
+            return f"config.easgd.beta={self.beta!r} must be a number in [0, 1] (the moving rate is beta / k)"
+        if not registry.is_count(self.period):
+            return f"config.easgd.period={self.period!r} must be a positive integer (steps between exchanges)"
+        return None
 
 
+@registry.register(
+    "easgd",
+    EASGDOptions,
+    section="easgd",
+    compare={"easgd tau=1": ("easgd.period=1",), "easgd tau=10": ("easgd.period=10",)},
+)
 @dataclasses.dataclass(frozen=True)
 class EASGD(Strategy):
     """Workers pulled elastically towards a shared centre every ``period`` steps."""
 
-    name = "easgd"
     per_worker = True
     extra_eval_models = ("worker_average",)
     beta: float = 0.8
     period: int = 1
     num_workers: int = 1
+
+    @classmethod
+    def from_config(cls, config, options, num_devices):
+        """β, τ and k."""
+        return cls(beta=options.beta, period=options.period, num_workers=config.num_workers)
 
     @property
     def alpha(self) -> float:
@@ -58,7 +83,7 @@ class EASGD(Strategy):
         p, o, _ = super().specs(params, opt_state, {})
         return p, o, {"center": jax.tree.map(lambda _: P(), extra["center"])}
 
-    def update(self, ctx, tx, params, opt_state, extra, grad_params, grads):
+    def apply(self, ctx, tx, params, opt_state, extra, grad_params, grads):
         """x_i ← x_i − α(x_i − x̃) + u_i and x̃ ← x̃ + α Σ_i (x_i − x̃) on exchange steps, else x_i ← x_i + u_i."""
         updates, opt_state = local_steps(tx, grads, opt_state, params)
         alpha = self.alpha
@@ -91,7 +116,7 @@ class EASGD(Strategy):
 
     def step_time(self, compute_s, num_workers, model_bytes, alpha, beta):
         """Compute, plus one ring allreduce of the model every τ steps (amortised per step)."""
-        return compute_s + commcost.ring_cost(num_workers, model_bytes, alpha, beta, 0.0)["time_s"] / self.period
+        return compute_s + costmodel.ring_cost(num_workers, model_bytes, alpha, beta, 0.0)["time_s"] / self.period
 
     def describe(self):
         """Strategy, β and period τ."""

@@ -37,14 +37,27 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lbsgd import commcost
+from lbsgd import costmodel
 from lbsgd.parallel import mixing
+from lbsgd.strategies import registry
 from lbsgd.strategies.base import Strategy, local_steps, per_worker_values
 
 PULL_TOPOLOGIES = (mixing.RANDOM,)
 PUSH_TOPOLOGIES = (mixing.RANDOM, "one_peer_exponential")
 DEFAULT_TOPOLOGY = mixing.RANDOM
-OPTIONS = {"pool_size": 32}  # config.gossip defaults
+
+
+@dataclasses.dataclass(frozen=True)
+class GossipOptions(registry.Options):
+    """``config.gossip``: ``pool_size`` seeded random peer assignments to draw from (both gossip forms)."""
+
+    pool_size: int = 32
+
+    def validate(self):
+        """``pool_size`` is a positive integer."""
+        if not registry.is_count(self.pool_size):
+            return f"config.gossip.pool_size={self.pool_size!r} must be a positive integer"
+        return None
 
 
 def pool_index(seed: int, step, pool_size: int):
@@ -60,6 +73,17 @@ class _Gossip(Strategy):
     seed: int = 0
     num_devices: int = 1
     num_workers: int = 1
+
+    @classmethod
+    def from_config(cls, config, options, num_devices):
+        """Topology (default random), pool size, seed, k and d."""
+        return cls(
+            topology=registry.topology_of(config),
+            pool_size=int(options.pool_size),
+            seed=int(config.seed),
+            num_devices=num_devices,
+            num_workers=config.num_workers,
+        )
 
     @property
     def pool(self) -> list[np.ndarray]:
@@ -80,11 +104,12 @@ class _Gossip(Strategy):
         return {"strategy": self.name, "topology": self.topology, "pool_size": self.pool_size}
 
 
+@registry.register(
+    "gossip_pull", GossipOptions, section="gossip", topologies=PULL_TOPOLOGIES, compare={"gossip pull": ()}
+)
 @dataclasses.dataclass(frozen=True)
 class GossipPull(_Gossip):
     """x_i ← (x_i + x_σ(i)) / 2 with σ a seeded random derangement, then the local step from there."""
-
-    name = "gossip_pull"
 
     @property
     def pool(self):
@@ -95,7 +120,7 @@ class GossipPull(_Gossip):
         """Average with the peer first: the gradient is taken at the averaged model."""
         return self.mix(ctx, params)
 
-    def update(self, ctx, tx, params, opt_state, extra, grad_params, grads):
+    def apply(self, ctx, tx, params, opt_state, extra, grad_params, grads):
         """The local optimizer step from the averaged model."""
         updates, opt_state = local_steps(tx, grads, opt_state, grad_params)
         return optax.apply_updates(grad_params, updates), opt_state, extra
@@ -106,7 +131,7 @@ class GossipPull(_Gossip):
 
     def step_time(self, compute_s, num_workers, model_bytes, alpha, beta):
         """The pulled model must arrive before the forward pass: compute + one message."""
-        return compute_s + commcost.message_time(model_bytes, alpha, beta)
+        return compute_s + costmodel.message_time(model_bytes, alpha, beta)
 
 
 def _scale(tree, w):
@@ -114,11 +139,16 @@ def _scale(tree, w):
     return jax.tree.map(lambda t: t * per_worker_values(w, t).astype(t.dtype), tree)
 
 
+@registry.register(
+    "gossip_push",
+    GossipOptions,
+    section="gossip",
+    topologies=PUSH_TOPOLOGIES,
+    compare={"gossip push": ("topology=random",), "gossip push one-peer-exp": ("topology=one_peer_exponential",)},
+)
 @dataclasses.dataclass(frozen=True)
 class GossipPush(_Gossip):
     """Push-sum SGD: gradient at z_i = x_i / w_i, step on x_i, keep half of (x_i, w_i), push half."""
-
-    name = "gossip_push"
 
     @property
     def pool(self):
@@ -135,7 +165,7 @@ class GossipPush(_Gossip):
         """The de-biased model z_i = x_i / w_i."""
         return _scale(params, 1.0 / extra["weight"])
 
-    def update(self, ctx, tx, params, opt_state, extra, grad_params, grads):
+    def apply(self, ctx, tx, params, opt_state, extra, grad_params, grads):
         """x_i += u_i(z_i); then (x, w) ← W (x, w) in one message per worker."""
         updates, opt_state = local_steps(tx, grads, opt_state, grad_params)
         x = optax.apply_updates(params, updates)
@@ -156,4 +186,4 @@ class GossipPush(_Gossip):
 
     def step_time(self, compute_s, num_workers, model_bytes, alpha, beta):
         """Compute, then push one message (model + weight); the next step needs what was received."""
-        return compute_s + commcost.message_time(model_bytes + 4, alpha, beta)
+        return compute_s + costmodel.message_time(model_bytes + 4, alpha, beta)

@@ -1,0 +1,140 @@
+"""Config checks that run before anything is compiled; each failure is one line naming the field and the fix.
+
+``check_config`` checks every field of ``lbsgd.config.schema.FIELDS`` (its type, range or choices), the
+strategy settings (``lbsgd.strategies.registry.check_config``: the strategy, its topology and options)
+and the fields that depend on each other; ``check_layout``, ``check_dataset`` and ``check_workdir`` check
+what needs the devices, the data or the file system.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import tempfile
+
+from lbsgd import strategies
+from lbsgd.config import schema
+from lbsgd.errors import ConfigError, LayoutError
+from lbsgd.parallel import layout
+
+
+def check_fields(config) -> None:
+    """Every field is known and valid by itself: one line naming the first that is not."""
+    known = set(schema.names())
+    for name in config.keys():
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"did you mean {close[0]}?" if close else "see lbsgd/config/schema.py for the fields"
+            raise ConfigError(f"config.{name} is not a config field; {hint}")
+    for field in schema.FIELDS:
+        if field.name not in config:
+            raise ConfigError(
+                f"config.{field.name} is missing; start the config from lbsgd.config.schema.base_config() "
+                f"(default {field.default!r})"
+            )
+        if field.name == "dtype" and config.dtype == "float16":
+            raise ConfigError(
+                "config.dtype='float16' needs loss scaling, which lbsgd does not do; use --config.dtype=bfloat16 "
+                "(float32's range at half the bytes) or float32"
+            )
+        problem = field.problem(config.get(field.name))
+        if problem:
+            raise ConfigError(problem)
+    if config.dtype not in schema.DTYPES:
+        raise ConfigError(f"config.dtype={config.dtype!r} is unknown; use one of: {', '.join(schema.DTYPES)}")
+
+
+def check_config(config) -> None:
+    """Static checks of names and values (no devices, no data)."""
+    check_fields(config)
+    strategies.check_config(config)
+    check_scaling(config)
+
+
+def check_scaling(config) -> None:
+    """The saturating rule's inputs, and the noise-scale estimate's preconditions."""
+    if config.lr_scaling == "saturating":
+        if not config.get("b_noise") and not config.get("b_noise_from"):
+            raise ConfigError(
+                "config.lr_scaling='saturating' needs the gradient noise scale: set --config.b_noise=<examples> or "
+                "--config.b_noise_from=<workdir of a run with --config.noise_scale=True>"
+            )
+        if config.get("b_noise") and config.get("b_noise_from"):
+            raise ConfigError("set one of config.b_noise and config.b_noise_from, not both")
+    if config.noise_scale and not strategies.REGISTRY[config.strategy].cls.supports_noise_scale:
+        raise ConfigError(
+            f"config.noise_scale=True needs one gradient summed over all workers (strategy 'allreduce'), not "
+            f"{config.strategy!r}; measure it in an allreduce run"
+        )
+    if config.noise_scale and config.num_workers < 2:
+        raise ConfigError(
+            "config.noise_scale=True compares one worker's gradient with the sum over k workers: set "
+            "--config.num_workers to 2 or more"
+        )
+
+
+def resolve_b_noise(config) -> float | None:
+    """With ``config.b_noise_from`` (a workdir or its results.json): set ``config.b_noise`` to the noise
+    scale that run measured over its whole training (``noise_scale_run``) and return it; None when there
+    is nothing to resolve."""
+    source = config.get("b_noise_from", "")
+    if not source:
+        return None
+    path = os.path.join(source, "results.json") if os.path.isdir(source) else source
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        value = record.get("noise_scale_run") if isinstance(record, dict) else None
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"config.b_noise_from={source!r}: cannot read a results.json there ({getattr(e, 'strerror', None) or e}); "
+            f"point it at the workdir of a finished run with --config.noise_scale=True"
+        ) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(
+            f"config.b_noise_from={source!r}: its results.json has no positive noise_scale_run (found {value!r}); "
+            f"rerun that run with --config.noise_scale=True"
+        )
+    config.b_noise = float(value)
+    config.b_noise_from = ""
+    return float(value)
+
+
+def check_layout(config, num_devices_available: int, num_processes: int = 1) -> None:
+    """k must be a positive multiple of the device count in use (which must exist)."""
+    k = config.num_workers
+    try:
+        d = layout.check_placement(k, config.num_devices, num_devices_available, num_processes)
+    except LayoutError as e:
+        raise ConfigError(str(e)) from None
+    m = k // d
+    if config.accumulation_steps and m % config.accumulation_steps:
+        raise ConfigError(
+            f"config.accumulation_steps={config.accumulation_steps} must divide the {m} workers per "
+            f"device (k={k} / d={d})"
+        )
+
+
+def check_dataset(config, num_train_examples: int) -> None:
+    """The global minibatch kn must fit in the training set."""
+    kn = config.num_workers * config.per_worker_batch_size
+    if kn > num_train_examples:
+        raise ConfigError(
+            f"global batch num_workers*per_worker_batch_size={kn} is larger than the "
+            f"{num_train_examples} training examples of {config.dataset}; lower --config.num_workers "
+            f"or --config.per_worker_batch_size"
+        )
+
+
+def check_workdir(workdir: str) -> None:
+    """The workdir must be creatable and writable."""
+    if not workdir:
+        raise ConfigError("--workdir is required; pass --workdir=<a writable directory>")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--workdir={workdir} is not writable ({e.strerror or e}); choose another --workdir") from e
