@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# ResNet-50 bf16 train-step throughput on one GPU, against the targets (k = 8 workers x n = 32 with
-# per-worker BN >= 6,500 images/s; k = 1 x n = 32 >= 4,000), sized to fit one 10-minute call.
+# ResNet-50 bf16 train-step throughput on one GPU, sized to fit one 10-minute call: lbsgd's step at
+# k = 1 x n = 256, 1 x 32 and 8 x 32 (per-worker BN), with the Flax ImageNet example's step beside it in the
+# same process where FLAX_DIR names its folder (google/flax's examples/imagenet, carried to the host), and
+# with the step's options on and off: --steps_per_dispatch=4 (a device loop of 4 steps a call) and
+# --model_stem=space_to_depth (the 7x7/2 stem as a 4x4/1 convolution on a 2x2 space-to-depth input).
 #
 #   bash benchmarks/gpu_step.sh OUTDIR        (from the repo root, on the GPU host)
 #
@@ -42,7 +45,14 @@ declare -A FLAGS=(
   [sync]=""
   [cmdbuf]="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUDNN,CUSTOM_CALL,COLLECTIVES"
   [autotune4]="--xla_gpu_autotune_level=4"
+  [spd4]=""
+  [s2d]=""
+  [both]=""
 )
+peer=()
+if [[ -n "${FLAX_DIR:-}" ]]; then
+  peer=(--peer=flax "--flax-dir=$FLAX_DIR")
+fi
 
 step() { # step NAME K N [more bench step flags]
   local name=$1 k=$2 n=$3
@@ -57,9 +67,14 @@ step() { # step NAME K N [more bench step flags]
     --json "$out/step_k${k}_n${n}_${name}.json" 2>&1 | tee -a "$log"
 }
 
-step default 8 32 --profile "$out/profile" # the main target: 8 workers' BN on one GPU
-step default 1 32
-step default 1 256
+step default 1 256 "${peer[@]}"
+step default 1 32 "${peer[@]}"
+step default 8 32 --profile "$out/profile" # 8 workers' BN on one GPU
+step both 1 256 --steps_per_dispatch=4 --model_stem=space_to_depth "${peer[@]}"
+step both 1 32 --steps_per_dispatch=4 --model_stem=space_to_depth "${peer[@]}"
+step both 8 32 --steps_per_dispatch=4 --model_stem=space_to_depth
+step spd4 8 32 --steps_per_dispatch=4
+step s2d 8 32 --model_stem=space_to_depth
 step cmdbuf 8 32
 step autotune4 8 32
 step sync 8 32 --in_flight=1 # what waiting on every step costs (the default keeps 4 in flight)
@@ -78,5 +93,6 @@ import glob, json, os, sys
 for path in sorted(glob.glob(os.path.join(sys.argv[1], "step_*.json"))):
     r = json.load(open(path))
     print(f"{os.path.basename(path):32s} {r['images_per_second']:9.1f} images/s  step {1e3 * r['step_time_median_s']:7.2f} ms"
-          f"  MFU {100 * r['mfu']:5.1f} %  {r.get('in_flight')} in flight  {r['device_kind']}")
+          f"  MFU {100 * r['mfu']:5.1f} %  {r.get('in_flight')} in flight  {r['device_kind']}"
+          + (f"  flax {r['flax_images_per_second']:9.1f} ratio {r['ratio_lbsgd_to_flax']:.3f}" if 'flax_images_per_second' in r else ""))
 PY

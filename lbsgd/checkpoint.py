@@ -13,31 +13,63 @@ Layout of a workdir::
 * ``check_resume`` compares the config with the one recorded in the workdir before anything is compiled:
   a field that changes the state or the data order (``STATE_FIELDS`` and the active strategy's options)
   must not change; any other field may (``num_epochs``, intervals, rates ...) and is logged.
+* ``check_dir`` (``lbsgd.checkpoint_paths``; called by ``lbsgd.config.validate.check_workdir`` before
+  compiling, and by ``manager``)
+  refuses, in one line, a workdir where checkpoints cannot be written: a path too long for the longest
+  file a checkpoint writes under it, ``checkpoints`` that is not a directory or not writable.
+* A save that fails (disk full, a directory gone) raises ``CheckpointError`` in one line from the manager's
+  ``save`` or ``wait_until_finished`` (orbax saves asynchronously: a failure surfaces at the next of
+  these), naming the last good checkpoint; orbax's own error logs and tracebacks of it stay off stderr.
+  orbax deletes the checkpoints beyond ``MAX_TO_KEEP`` only after the new one is committed, and not at
+  all when its save fails, so the last intact checkpoint survives a failed or killed save.
+* Any legal directory name works: orbax globs below the checkpoint directory through ``etils.epath``,
+  which does not escape the directory part (``[0.1]`` is a character class there);
+  ``lbsgd.orbax_io._literal_glob_base`` makes it literal, as ``pathlib`` does.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import logging
 import os
 import shutil
-import sys
-import warnings
 from typing import Any, Callable
 
 from lbsgd import strategies
+from lbsgd.checkpoint_paths import (  # noqa: F401 - check_dir, path_problem and the reserve are this module's API too
+    CHECKPOINT_PATH_RESERVE,
+    check_dir,
+    checkpoint_dir,
+    path_problem,
+    short_path,
+)
 from lbsgd.errors import CheckpointError
-
-#: The warning a failed read's un-awaited orbax/tensorstore coroutines give when they are collected.
-NEVER_AWAITED = r"coroutine '.*' was never awaited"
+from lbsgd.orbax_io import (
+    NEVER_AWAITED,  # noqa: F401 - re-exported (tests read it)
+    _advice,
+    _drop_closed_loop_errors,
+    _errno,
+    _orbax,
+    _quiet_failures,
+    _quiet_save_failures,
+    _reason,
+    _release_failed_save,
+    _WRITE_ERRORS,
+)
 
 log = logging.getLogger("lbsgd")
 
+
 MAX_TO_KEEP = 3
+
+
 CONFIG_FILE = "config.json"
+
+
 ITEM = "default"  # the CheckpointManager's item directory inside each step
+
+
 # Fields whose change makes a checkpoint mean something else: its shapes (k, model, optimizer state,
 # strategy state) or the examples each step sees (dataset, preprocessing, k, n, seed).
 STATE_FIELDS = (
@@ -58,14 +90,9 @@ STATE_FIELDS = (
 )
 
 
-def checkpoint_dir(workdir: str) -> str:
-    """``WORKDIR/checkpoints`` (absolute)."""
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
-
-
 def steps(workdir: str) -> list[int]:
     """The steps of the committed checkpoints in ``workdir``, oldest first (orbax's listing)."""
-    import orbax.checkpoint as ocp
+    ocp = _orbax()
 
     directory = checkpoint_dir(workdir)
     return sorted(ocp.utils.checkpoint_steps(directory)) if os.path.isdir(directory) else []
@@ -78,85 +105,105 @@ def describe_latest(workdir: str | None) -> str:
 
 
 def manager(workdir: str):
-    """The run's orbax ``CheckpointManager`` (keeps the newest ``MAX_TO_KEEP``; saves are atomic)."""
-    import orbax.checkpoint as ocp
+    """The run's checkpoint manager: orbax's ``CheckpointManager`` keeping the newest ``MAX_TO_KEEP``
+    (saves are atomic), whose ``save``, ``wait_until_finished`` and ``close`` raise ``CheckpointError``
+    (one line) when a save fails. Refuses a workdir ``check_dir`` refuses."""
+    ocp = _orbax()
 
-    return ocp.CheckpointManager(
-        checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(max_to_keep=MAX_TO_KEEP, create=True)
-    )
+    check_dir(workdir)
+    _quiet_save_failures()
+    try:
+        return _manager_class()(
+            checkpoint_dir(workdir),
+            # cleanup_tmp_directories: a save that was killed or failed leaves no space taken on a rerun
+            options=ocp.CheckpointManagerOptions(max_to_keep=MAX_TO_KEEP, create=True, cleanup_tmp_directories=True),
+            workdir=workdir,
+        )
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot create {short_path(checkpoint_dir(workdir))} ({e.strerror or e}); use another --workdir"
+        ) from None
+
+
+_MANAGER_CLASS = []
+
+
+def _manager_class():
+    """``CheckpointManager`` with save failures turned into ``CheckpointError`` (defined on first use:
+    importing orbax is slow, and this module is imported by light tools)."""
+    if _MANAGER_CLASS:
+        return _MANAGER_CLASS[0]
+    ocp = _orbax()
+
+    class Manager(ocp.CheckpointManager):
+        """orbax's manager; a failed save raises ``CheckpointError`` from ``save`` (a failure of the save
+        itself, or of the previous one, which ran in the background) or ``wait_until_finished``."""
+
+        def __init__(self, directory, *args, workdir: str, **kwargs):
+            self._lbsgd_workdir = workdir
+            self._lbsgd_pending = None  # the step of the save in flight
+            super().__init__(directory, *args, **kwargs)
+
+        def save(self, step, *args, **kwargs):
+            self.wait_until_finished()  # the previous save's failure, reported with its own step
+            self._lbsgd_pending = int(step)
+            try:
+                return super().save(step, *args, **kwargs)
+            except CheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001 - orbax/tensorstore/OS errors of a save
+                raise self._lbsgd_failed(int(step), e) from None
+
+        def wait_until_finished(self):
+            step = self._lbsgd_pending
+            try:
+                super().wait_until_finished()
+            except Exception as e:  # noqa: BLE001 - the background save failed
+                self._lbsgd_pending = None
+                raise self._lbsgd_failed(step, e) from None
+
+        def _lbsgd_failed(self, step, error) -> CheckpointError:
+            return save_failed(self._lbsgd_workdir, step, error)
+
+    _MANAGER_CLASS.append(Manager)
+    return Manager
+
+
+def write_failure(workdir: str, error: BaseException) -> CheckpointError | None:
+    """For the command line: ``error``, raised while writing one of the run's own files in ``workdir``
+    (TensorBoard events, train/eval histories, results.json) because the file system refused it (full,
+    over quota, read-only, I/O error), as the one-line ``CheckpointError`` naming the last good
+    checkpoint; None for any other error (a bug keeps its traceback)."""
+    number = _errno(error)
+    if number not in _WRITE_ERRORS:
+        return None
+    found = steps(workdir)
+    last = f"the last good checkpoint is step {found[-1]}" if found else "there is no checkpoint yet"
+    return CheckpointError(f"cannot write to {workdir}: {os.strerror(number)}; {_advice(number)}; {last}")
+
+
+def save_failed(workdir: str, step: int | None, error: BaseException) -> CheckpointError:
+    """The one-line error for a save of ``step`` that failed with ``error``; removes what the failed save
+    left behind (its temporary directory, orbax threads waiting for it) in a single-process run."""
+    directory = checkpoint_dir(workdir)
+    number = _errno(error)
+    reason = os.strerror(number) if number else _reason(error)
+    advice = _advice(number)
+    _release_failed_save(directory, step)
+    _drop_closed_loop_errors()
+    earlier = [s for s in steps(workdir) if step is None or s < step]
+    last = f"the last good checkpoint is step {earlier[-1]}" if earlier else "there is no earlier checkpoint"
+    what = f"checkpoint step {step}" if step is not None else "a checkpoint"
+    return CheckpointError(f"cannot write {what} to {directory}: {reason}; {advice}; {last}")
 
 
 def save(mngr, step: int, state, force: bool = False) -> None:
-    """Save ``state`` as checkpoint ``step`` (asynchronously; ``mngr.wait_until_finished`` commits it)."""
-    import orbax.checkpoint as ocp
+    """Save ``state`` as checkpoint ``step`` (asynchronously; ``mngr.wait_until_finished`` commits it).
+
+    Raises ``CheckpointError`` (one line) if this save, or the previous one, failed."""
+    ocp = _orbax()
 
     mngr.save(step, args=ocp.args.StandardSave(state), force=force)
-
-
-@contextlib.contextmanager
-def _quiet_failures():
-    """Keep a failing restore's library noise (orbax's error log, tensorstore's un-awaited coroutine
-    tracebacks and "coroutine ... was never awaited" warnings) off stderr: the failure is reported in one
-    line by the caller."""
-    loggers = [logging.getLogger(name) for name in ("absl", "orbax", "asyncio")]
-    levels = [lg.level for lg in loggers]
-    hook = sys.unraisablehook
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    sys.unraisablehook = lambda _unraisable: None
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=NEVER_AWAITED, category=RuntimeWarning)
-            try:
-                yield
-            finally:
-                gc.collect()  # the failed read's coroutines are reported when collected: collect them here
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-        sys.unraisablehook = hook
-
-
-def _is_closed_loop(exc) -> bool:
-    return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
-
-
-def _drop_closed_loop_errors() -> None:
-    """After a failed read, tensorstore may still complete futures into orbax's closed asyncio loops,
-    from its own threads, later: each prints a 'RuntimeError: Event loop is closed' traceback; and the
-    read's unretrieved asyncio task errors are logged when collected. Drop exactly those (every other
-    error still reaches the previous hooks and handlers), and the "coroutine ... was never awaited"
-    warnings of its coroutines that are collected later still. Installed once."""
-    import threading
-
-    if getattr(sys.excepthook, "_lbsgd_quiet", False):
-        return
-    previous_sys, previous_thread, previous_unraisable = sys.excepthook, threading.excepthook, sys.unraisablehook
-
-    def sys_hook(kind, value, tb):
-        if not _is_closed_loop(value):
-            previous_sys(kind, value, tb)
-
-    def thread_hook(args):
-        if not _is_closed_loop(args.exc_value):
-            previous_thread(args)
-
-    def unraisable_hook(unraisable):
-        if not _is_closed_loop(unraisable.exc_value):
-            previous_unraisable(unraisable)
-
-    sys_hook._lbsgd_quiet = True
-    sys.excepthook, threading.excepthook, sys.unraisablehook = sys_hook, thread_hook, unraisable_hook
-    # The failed read's asyncio tasks report themselves when collected ("Task exception was never
-    # retrieved"), through the 'asyncio' logger: the read error was already reported in one line.
-    logging.getLogger("asyncio").addFilter(lambda record: "exception was never retrieved" not in record.getMessage())
-    warnings.filterwarnings("ignore", message=NEVER_AWAITED, category=RuntimeWarning)
-
-
-def _reason(error: Exception) -> str:
-    """The first sentence of an error (tensorstore appends pages of spec), prefixed by its type."""
-    text = " ".join(str(error).split()).split(" See full ")[0]
-    return f"{type(error).__name__}: {text[:160]}"
 
 
 def restore_latest(mngr, workdir: str, abstract_state, is_chief: bool = True, barrier: Callable | None = None):
@@ -167,7 +214,7 @@ def restore_latest(mngr, workdir: str, abstract_state, is_chief: bool = True, ba
     next newest is tried, with one warning line naming both steps. Raises ``CheckpointError`` when
     none restores.
     """
-    import orbax.checkpoint as ocp
+    ocp = _orbax()
 
     candidates = sorted(mngr.all_steps(), reverse=True)
     if not candidates:
@@ -227,8 +274,8 @@ def load(workdir: str, step: int | None = None) -> dict[str, Any]:
     """
     import jax
     import numpy as np
-    import orbax.checkpoint as ocp
 
+    ocp = _orbax()
     found = steps(workdir)
     if not found:
         raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}")
@@ -274,6 +321,11 @@ def check_resume(workdir: str, config) -> dict[str, tuple[Any, Any]]:
         raise CheckpointError(
             f"{path} is unreadable ({_reason(e)}); restore it, or use a new --workdir to start fresh"
         ) from None
+    if not isinstance(recorded, dict):  # hand-edited or truncated to `[]`, `null`, a number ...
+        raise CheckpointError(
+            f"{path} holds {short_path(json.dumps(recorded), 40)}, not a config (a JSON object of fields); "
+            f"restore it, or use a new --workdir to start fresh"
+        )
     given = _plain(config)
     changed = {
         key: (recorded.get(key), given.get(key))
@@ -296,6 +348,12 @@ def check_resume(workdir: str, config) -> dict[str, tuple[Any, Any]]:
 def record_config(workdir: str, config) -> None:
     """Write ``config`` to ``WORKDIR/config.json`` (atomically): the reference for the next resume."""
     path = os.path.join(workdir, CONFIG_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump(_plain(config), f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump(_plain(config), f, indent=2, sort_keys=True)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        raise CheckpointError(f"cannot write {path} ({e.strerror or e}); {_advice(e.errno)}") from None
+

@@ -29,3 +29,14 @@ def positive(kind: Callable = int) -> Callable[[str], object]:
 
     convert.__name__ = kind.__name__  # argparse names the type in its message
     return convert
+
+
+def port(text: str) -> int:
+    """An argparse ``type``: a TCP port number, 0 (pick a free one) to 65535."""
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, got {text}")
+    return value
+
+
+port.__name__ = "port"

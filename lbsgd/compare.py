@@ -4,8 +4,11 @@ The small-scale analogue of Jin et al. 2016's error-vs-time figures. For each k 
 each seed, it trains ``--config`` once per strategy (allreduce; D-PSGD on a ring, an exponential
 graph, the complete graph and the one-peer exponential graph; gossip pull; gossip push-sum, random and
 one-peer exponential; EASGD with τ = 1 and 10; the asynchronous parameter server with staleness
-k−1) through ``python -m lbsgd.main``, one workdir per run under ``--workdir``. A finished run (its
-results.json exists) is not rerun; an interrupted one resumes from its checkpoint. One progress line
+k−1) through ``python -m lbsgd.main``, one workdir per run under ``--workdir``. A finished run of exactly
+the config asked for (its recorded config.json equals the config file with every override the run gets,
+``lbsgd.runs.resolve_config``) is not rerun; an interrupted one resumes from its checkpoint. A run folder
+holding a run of another config (other ``--num_epochs`` or ``--override`` values, say) is refused before
+any run starts: one line naming the folder and the differing fields, exit status 2. One progress line
 per run.
 
 Outputs in ``--workdir``:
@@ -34,6 +37,7 @@ import time
 from typing import Sequence
 
 from lbsgd import cli, costmodel, runs, strategies
+from lbsgd.errors import LbsgdError, StaleRun
 from lbsgd.strategies import registry
 
 RESNET50_PARAMS = 25_557_032  # lbsgd.models.resnet.resnet50, counted in tests/test_models.py
@@ -72,25 +76,25 @@ def run_dir(workdir: str, entry: Entry, k: int, seed: int) -> str:
     return os.path.join(workdir, f"{slug(entry.label)}_k{k}_seed{seed}")
 
 
-def run_one(config: str, workdir: str, entry: Entry, k: int, seed: int, extra: Sequence[str], env: dict) -> dict:
-    """Train one run (or resume it) and return its results.json; raises ``runs.RunFailed``."""
-    overrides = [f"--config.num_workers={k}", f"--config.seed={seed}", *entry.args(k), *extra]
-    return runs.run_main(config, run_dir(workdir, entry, k, seed), overrides, env, f"{entry.label}, k={k}, seed {seed}")
+def run_args(entry: Entry, k: int, seed: int, extra: Sequence[str]) -> list[str]:
+    """The ``--config.*`` overrides of one run (``extra`` last: they win)."""
+    return [f"--config.num_workers={k}", f"--config.seed={seed}", *entry.args(k), *extra]
 
 
-def strategy_of(config_path: str, entry: Entry, k: int, num_devices: int):
-    """The strategy object a run of ``entry`` builds (for its time model)."""
-    config = runs.load_config(config_path)
-    config.num_workers = k
-    for override in entry.args(k):
-        key, value = override[len("--config.") :].split("=", 1)
-        target = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        current = target[leaf]
-        target[leaf] = type(current)(value) if not isinstance(current, str) else value
-    return strategies.from_config(config, num_devices)
+def run_one(config: str, workdir: str, entry: Entry, k: int, seed: int, extra: Sequence[str], env: dict,
+            asked: dict | None = None) -> dict:
+    """Train one run (or resume it) and return its results.json; raises ``runs.RunFailed`` (and
+    ``StaleRun`` when its folder holds a run of another config than ``asked``, its resolved config)."""
+    return runs.run_main(config, run_dir(workdir, entry, k, seed), run_args(entry, k, seed, extra), env,
+                         f"{entry.label}, k={k}, seed {seed}", asked=asked)
+
+
+def strategy_of(resolved: dict, num_devices: int):
+    """The strategy object a run builds (for its time model), from its resolved config
+    (``runs.resolve_config``: the config file with every override the run got)."""
+    import ml_collections
+
+    return strategies.from_config(ml_collections.ConfigDict(resolved), num_devices)
 
 
 def model_sizes(results: dict) -> dict[str, float]:
@@ -245,32 +249,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list:
         print("\n".join(labels()))
         return 0
-    os.makedirs(args.workdir, exist_ok=True)
     extra = ["--config.eval_every_epochs=1", *[f"--config.{o}" for o in args.override]]
     if args.num_epochs:
         extra.append(f"--config.num_epochs={args.num_epochs}")
-    env = runs.child_env(args.cpu_devices)
     plan = [(k, seed, e) for seed in args.seed_list for k in args.worker_list for e in args.entries]  # seed-major
+    try:  # every run's full config, checked against its folder before any run starts
+        asked = {(k, s, e): runs.resolve_config(args.config, run_args(e, k, s, extra)) for k, s, e in plan}
+        runs.check_planned([(run_dir(args.workdir, e, k, s), asked[k, s, e]) for k, s, e in plan])
+    except LbsgdError as e:
+        print(f"lbsgd.compare: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return runs.stopped("lbsgd.compare", 0, len(plan))
+    os.makedirs(args.workdir, exist_ok=True)
+    env = runs.child_env(args.cpu_devices)
     progress = runs.Progress(len(plan), sum(not runs.is_done(run_dir(args.workdir, e, k, s)) for k, s, e in plan))
-    rows, histories, failures = [], {}, []
+    rows, histories, failures, configs = [], {}, [], {}
     try:
         for i, (k, seed, entry) in enumerate(plan, 1):
             t_run = time.time()
             path = run_dir(args.workdir, entry, k, seed)
-            cached = runs.is_done(path)
+            cached = runs.is_done(path, asked[k, seed, entry])
             try:
-                results = run_one(args.config, args.workdir, entry, k, seed, extra, env)
+                results = run_one(args.config, args.workdir, entry, k, seed, extra, env, asked[k, seed, entry])
             except runs.RunFailed as e:
                 failures.append(str(e))
                 print(f"[{i}/{len(plan)}] {e}", flush=True)
                 continue
             rows.append({"label": entry.label, "seed": seed, "run": path, **results})
+            configs[path] = asked[k, seed, entry]
             histories[path] = runs.history(path)
             what = f"{entry.label}, k={k}, seed {seed}"
             accuracy = f"test accuracy {100 * results['eval_accuracy']:.2f} %"
             print(progress.line(i, what, accuracy, time.time() - t_run, cached), flush=True)
     except (KeyboardInterrupt, runs.RunStopped):
         return runs.stopped("lbsgd.compare", len(rows), len(plan))
+    except StaleRun as e:  # a folder changed under the comparison since the check above
+        print(f"lbsgd.compare: error: {e}", file=sys.stderr)
+        return e.exit_code
     # Time model: compute per worker and step from the allreduce run with the same k (or --compute_ms).
     for row in rows:
         k = row["num_workers"]
@@ -280,8 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             base = [r for r in rows if r["label"] == "allreduce" and r["num_workers"] == k]
             ref = base[0] if base else row
             compute_s = row["per_worker_batch_size"] / max(ref["images_per_second"], 1e-9)
-        entry = next(e for e in entries() if e.label == row["label"])
-        strategy = strategy_of(args.config, entry, k, row["devices"])
+        strategy = strategy_of(configs[row["run"]], row["devices"])
         row["compute_s_per_step"] = compute_s
         for key, seconds in modelled_times(strategy, row, compute_s).items():
             row[f"step_s {key}"] = seconds

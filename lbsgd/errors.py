@@ -7,12 +7,14 @@ exception           status  raised when
 ``LayoutError``     2       k workers cannot be placed on the devices available
 ``DataError``       2       a dataset cannot be found, loaded or decoded
 ``CheckpointError`` 2       no checkpoint can be restored, or the workdir holds another run
+``WorkdirBusy``     2       another live lbsgd run holds the workdir's lock
 ``GridError``       2       a malformed ``--grid`` (``lbsgd.sweep``)
 ``PeerError``       2       a benchmark's peer (the Flax example) cannot be imported
 ``NonFinite``       3       the loss or a gradient became NaN or infinite
 ``Interrupted``     128+s   training stopped on signal s after checkpointing (130 SIGINT, 143 SIGTERM)
 ``RunFailed``       1       a run started by a tool (sweep, compare) failed
 ``RunStopped``      130/143 a run started by a tool was stopped by a signal
+``StaleRun``        2       a tool's run folder holds a run of another config (sweep, compare)
 ==================  ======  ===================================================================
 
 ``str(e)`` is always one line saying what is wrong and how to fix it; the command-line tools print it
@@ -49,6 +51,10 @@ class DataError(LbsgdError, ValueError):
 
 class CheckpointError(LbsgdError):
     """No checkpoint can be restored, or the workdir belongs to another run."""
+
+
+class WorkdirBusy(LbsgdError):
+    """Another live run holds the workdir (``lbsgd.workdir.WorkdirLock``)."""
 
 
 class GridError(LbsgdError, ValueError):
@@ -92,3 +98,8 @@ class RunStopped(LbsgdError, RuntimeError):
     """A run started by a tool was stopped by SIGINT or SIGTERM (it saved a checkpoint): stop the whole grid."""
 
     exit_code = 128 + signal.SIGINT
+
+
+class StaleRun(LbsgdError):
+    """A folder where a tool (sweep, compare) would start or reuse a run holds a run of another config, or one
+    that cannot be checked (no config.json); one line naming the folder, the differing fields and the fix."""

@@ -57,11 +57,22 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         own, main_args = argv[:i], argv[i + 1 :]
     else:
         own, main_args = argv, []
-    p = cli.ArgumentParser(prog="python -m lbsgd.launch", description=__doc__.splitlines()[0])
-    p.add_argument("--num_processes", type=int, default=2)
-    p.add_argument("--devices_per_process", type=int, default=4)
-    p.add_argument("--port", type=int, default=0, help="coordinator port on 127.0.0.1 (0 = pick a free one)")
-    p.add_argument("--heartbeat_timeout_s", type=int, default=60)
+    p = cli.ArgumentParser(
+        prog="python -m lbsgd.launch",
+        usage="python -m lbsgd.launch [flags] -- <lbsgd.main flags>",
+        description=__doc__.splitlines()[0],
+    )
+    p.add_argument("--num_processes", type=cli.positive(int), default=2, help="processes to start (default 2)")
+    p.add_argument(
+        "--devices_per_process", type=cli.positive(int), default=4, help="simulated CPU devices each (default 4)"
+    )
+    p.add_argument("--port", type=cli.port, default=0, help="coordinator port on 127.0.0.1 (0 = pick a free one)")
+    p.add_argument(
+        "--heartbeat_timeout_s",
+        type=cli.positive(int),
+        default=60,
+        help="seconds without a peer's heartbeat before a process exits (default 60)",
+    )
     args = p.parse_args(own)
     return args, main_args
 
@@ -74,8 +85,6 @@ def _error(msg: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the processes; returns the exit status (0 only if every process succeeded)."""
     args, main_args = _parse(sys.argv[1:] if argv is None else argv)
-    if args.num_processes < 1 or args.devices_per_process < 1:
-        return _error("--num_processes and --devices_per_process must be >= 1")
     if not main_args:
         return _error(
             "no lbsgd.main arguments; usage: python -m lbsgd.launch --num_processes=2 -- "

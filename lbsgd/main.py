@@ -20,16 +20,20 @@ from absl import flags
 from ml_collections import config_flags
 
 from lbsgd import errors
+from lbsgd import workdir as workdir_lib
+from lbsgd.stopping import STOP
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an experiments/*.py config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and results.json.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
-flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
-flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.", lower_bound=0)
 flags.DEFINE_enum("distributed", "off", ["off", "auto"], "'auto': jax.distributed.initialize() detects the cluster.")
-flags.DEFINE_integer("heartbeat_timeout_s", 60, "Multi-process: seconds without a peer's heartbeat before exiting.")
-flags.DEFINE_integer("init_timeout_s", 120, "Multi-process: seconds to wait for every process to join.")
+flags.DEFINE_integer(
+    "heartbeat_timeout_s", 60, "Multi-process: seconds without a peer's heartbeat before exiting.", lower_bound=1
+)
+flags.DEFINE_integer("init_timeout_s", 120, "Multi-process: seconds to wait for every process to join.", lower_bound=1)
+flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.", lower_bound=1)
 
 EXIT_USAGE = errors.EXIT_USAGE  # bad input: config, flags, data, workdir, checkpoints
 
@@ -156,50 +160,92 @@ def quiet_logging() -> None:
         h.addFilter(_QuietLibraries())
 
 
-def main(argv) -> None:
-    """absl entry point: validate, then ``lbsgd.trainer.train.train_and_evaluate``."""
-    del argv
+def check_backend() -> None:
+    """JAX's devices start, or ``ConfigError`` (one line) saying which setting asks for what is not here."""
+    import jax
+
+    try:
+        jax.devices()
+    except (RuntimeError, AssertionError) as e:  # JAX's own errors for a backend it cannot start
+        reason = (str(e).splitlines() or ["no such device here"])[0].split(" (set JAX_PLATFORMS")[0].split(" (you may")[0]
+        platforms = os.environ.get("JAX_PLATFORMS", "")
+        if "--xla_force_host_platform_device_count=0" in os.environ.get("XLA_FLAGS", "").split():
+            raise errors.ConfigError(
+                "XLA_FLAGS asks for --xla_force_host_platform_device_count=0 CPU devices; give a count >= 1 or drop "
+                "the flag"
+            ) from None
+        if platforms:
+            raise errors.ConfigError(
+                f"JAX_PLATFORMS={platforms!r} asks for a backend this machine cannot start ({reason or 'no such device'}); "
+                f"unset JAX_PLATFORMS to use what is here, or install JAX for the accelerator "
+                f"(pip install -U 'jax[cuda12]' for NVIDIA GPUs, 'jax[tpu]' for TPUs)"
+            ) from None
+        raise errors.ConfigError(f"JAX cannot start a backend ({reason}); check the JAX installation") from None
+
+
+def prepare(config, workdir: str):
+    """Everything before training that can fail on the user's input: the config, the workdir, the noise
+    scale to read, the cluster, the backend and the layout. Returns (workdir, lock or None)."""
     from lbsgd.config import validate
 
-    config = FLAGS.config
-    if config is None:
-        fail("--config is required; e.g. --config=experiments/digits.py")
-    try:
-        validate.check_config(config)
-        validate.check_workdir(FLAGS.workdir)
-        b_noise = validate.resolve_b_noise(config)
-    except errors.ConfigError as e:
-        fail(str(e))
+    validate.check_config(config)
+    workdir = validate.check_workdir(workdir)  # absolute, "~" expanded
+    b_noise = validate.resolve_b_noise(config)
     logging.getLogger("lbsgd").setLevel(logging.INFO)
     quiet_logging()
     if b_noise is not None:
         logging.getLogger("lbsgd").info("saturating learning-rate rule with the measured noise scale B_noise = %.1f", b_noise)
     init_distributed()
+    check_backend()
 
     import jax
 
+    validate.check_layout(config, jax.device_count(), jax.process_count())
+    lock = workdir_lib.WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
+    if lock is not None:
+        STOP.cleanup.append(lock.release)  # a stop before the first step leaves the workdir free too
+    return workdir, lock
+
+
+def main(argv) -> None:
+    """absl entry point: validate, then ``lbsgd.trainer.train.train_and_evaluate``; every failure is one line."""
+    del argv
+    config = FLAGS.config
+    if config is None:
+        fail("--config is required; e.g. --config=experiments/digits.py")
     try:
-        validate.check_layout(config, jax.device_count(), jax.process_count())
-    except errors.ConfigError as e:
-        fail(str(e))
+        workdir, lock = prepare(config, FLAGS.workdir)
+    except errors.LbsgdError as e:
+        fail(str(e), code=e.exit_code)
 
     from lbsgd.trainer import train
 
+    code, message = 0, ""
     try:
-        train.train_and_evaluate(config, FLAGS.workdir)
+        train.train_and_evaluate(config, workdir)
     except errors.Interrupted as e:
-        print(f"lbsgd: {e}", file=sys.stderr, flush=True)
-        leave(e.exit_code)
+        code, message = e.exit_code, f"lbsgd: {e}"
     except errors.NonFinite as e:
-        fail(
-            f"{e}; lower the learning rate or set --config.on_nonfinite=skip, then rerun the same command "
-            f"(it resumes from the last good checkpoint, or starts afresh if there is none)",
-            code=e.exit_code,
-            now=True,
+        code = e.exit_code
+        message = (
+            f"lbsgd: error: {e}; lower the learning rate or set --config.on_nonfinite=skip, then rerun the same "
+            f"command (it resumes from the last good checkpoint, or starts afresh if there is none)"
         )
     except errors.LbsgdError as e:
-        fail(str(e), code=e.exit_code, now=True)
-    leave(0)
+        code, message = e.exit_code, f"lbsgd: error: {e}"
+    except Exception as e:  # noqa: BLE001 - a run's own file (events, results.json) the file system refused
+        from lbsgd import checkpoint
+
+        failure = checkpoint.write_failure(workdir, e)
+        if failure is None:
+            raise
+        code, message = failure.exit_code, f"lbsgd: error: {failure}"
+    if lock is not None:
+        lock.release()
+    if message:
+        print(" ".join(message.split()), file=sys.stderr, flush=True)
+    # Finished, or stopped by a signal (every process at the same step): leave together; a failure does not wait.
+    leave(code, together=code in (0, *errors.EXIT_STOPPED))
 
 
 def _die_with_parent() -> None:
@@ -252,6 +298,8 @@ def run() -> None:
     multi = any(a.startswith(("--coordinator_address", "--num_processes", "--distributed=auto")) for a in sys.argv)
     if multi and not os.environ.get("LBSGD_SUPERVISED"):
         sys.exit(supervise(sys.argv))
+    if not multi:
+        STOP.install()  # Ctrl-C / SIGTERM from here on: one line and 130 / 143 (lbsgd.stopping)
     app.run(main, flags_parser=parse_flags)
 
 

@@ -1,8 +1,14 @@
 """Grids of ``lbsgd.main`` runs, shared by ``lbsgd.compare`` and ``lbsgd.sweep``.
 
-One run = one ``python -m lbsgd.main`` subprocess in its own workdir. A run whose results.json exists
-is done and never rerun; an interrupted one resumes from its checkpoint when started again. Errors come
-back as ``RunFailed`` carrying the run's own one-line ``lbsgd: error: …`` message.
+One run = one ``python -m lbsgd.main`` subprocess in its own workdir. A run is identified by its full
+resolved config (``resolve_config``: the config file and exactly the ``--config.*`` overrides the run gets,
+parsed as ``lbsgd.main`` parses them, ``b_noise_from`` resolved), which ``lbsgd.main`` records in
+``WORKDIR/config.json``. Before anything starts, ``check_planned`` compares every planned run with what its
+workdir holds: a workdir that holds a run (config.json, checkpoints or results.json) of another config, or
+one that cannot be checked (no config.json), is refused in one line (``StaleRun``); so a finished run is
+reused only when its recorded config is exactly the asked one, and an interrupted one of the same config
+resumes from its checkpoint when started again. Errors come back as ``RunFailed`` carrying the run's own
+one-line ``lbsgd: error: …`` message.
 """
 
 from __future__ import annotations
@@ -14,9 +20,9 @@ import os
 import subprocess
 import sys
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
-from lbsgd.errors import EXIT_FAILED, EXIT_STOPPED, RunFailed, RunStopped
+from lbsgd.errors import EXIT_FAILED, EXIT_STOPPED, ConfigError, RunFailed, RunStopped, StaleRun
 
 
 STOPPED = EXIT_STOPPED  # lbsgd.main's exit status after SIGINT / SIGTERM
@@ -36,9 +42,117 @@ def child_env(cpu_devices: int, compilation_cache: str = "") -> dict:
     return env
 
 
-def is_done(workdir: str) -> bool:
-    """Whether the run in ``workdir`` finished (its results.json exists)."""
-    return os.path.exists(os.path.join(workdir, "results.json"))
+CONFIG_FILE = "config.json"  # lbsgd.checkpoint.CONFIG_FILE: the config a run records in its workdir
+RESULTS_FILE = "results.json"
+SHOWN_FIELDS = 3  # differing fields named in a StaleRun line
+
+
+def resolve_config(config_path: str, overrides: Sequence[str]) -> dict[str, Any]:
+    """The full config ``python -m lbsgd.main --config=<config_path> <overrides>`` runs with, as it records it
+    in ``WORKDIR/config.json``: the file and the ``--config.*`` ``overrides`` parsed as lbsgd.main parses them
+    (ml_collections' config flag), ``b_noise_from`` resolved (``lbsgd.config.validate.resolve_b_noise``), as
+    JSON values (``lbsgd.checkpoint._plain``). Raises ``ConfigError`` (one line) when lbsgd.main would refuse
+    the file or an override."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from lbsgd import checkpoint
+    from lbsgd.config import validate
+
+    argv = ["lbsgd.main", f"--config={config_path}", *overrides]
+    values = flags.FlagValues()
+    try:
+        config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True, sys_argv=argv)
+        values(argv)
+        config = values.config  # ml_collections defers load errors to the first access
+    except flags.Error as e:
+        raise ConfigError(f"{_one_line(e)}; check the override") from None
+    except (KeyError, AttributeError) as e:
+        name = str(e.args[0] if e.args else e).strip("\"'")
+        names = [o.split("=", 1)[0] for o in overrides]
+        given = " ".join([n for n in names if n.rsplit(".", 1)[-1] == name] or names)
+        raise ConfigError(
+            f"unknown config field {name!r} (in {given}); use a field that exists in {config_path}"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - an error inside the user's config file or a bad value
+        raise ConfigError(f"--config file {config_path!r} with {' '.join(overrides)} failed to load: "
+                          f"{type(e).__name__}: {_one_line(e)}") from None
+    validate.resolve_b_noise(config)
+    return checkpoint._plain(config)
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+def _flat(config: dict, prefix: str = "") -> dict[str, Any]:
+    """``{'easgd': {'period': 10}}`` -> ``{'easgd.period': 10}``."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def differences(recorded: dict, asked: dict) -> list[tuple[str, Any, Any]]:
+    """The fields (dotted, sorted) whose value differs: ``(field, recorded, asked)``; a field missing on one
+    side counts as ``None`` there."""
+    old, new = _flat(recorded), _flat(asked)
+    return [(key, old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
+            if key not in old or key not in new or old[key] != new[key]]
+
+
+def holds_run(workdir: str) -> bool:
+    """Whether ``workdir`` holds (part of) a run: its config.json, a checkpoint or its results.json."""
+    checkpoints = os.path.join(workdir, "checkpoints")
+    return (os.path.exists(os.path.join(workdir, CONFIG_FILE)) or os.path.exists(os.path.join(workdir, RESULTS_FILE))
+            or (os.path.isdir(checkpoints) and bool(os.listdir(checkpoints))))
+
+
+def stale_reason(workdir: str, asked: dict) -> str | None:
+    """None when ``workdir`` holds no run, or a run whose recorded config is exactly ``asked``; else why the
+    run there is not the asked one (one line, without the fix)."""
+    if not holds_run(workdir):
+        return None
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return (
+            f"{workdir} holds a run without a {CONFIG_FILE} (an older run), which cannot be checked against the asked "
+            f"config"
+        )
+    try:
+        with open(path) as f:
+            recorded = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"{workdir} holds a run whose {CONFIG_FILE} is unreadable ({type(e).__name__}: {_one_line(e)[:120]})"
+    if not isinstance(recorded, dict):
+        return f"{workdir} holds a run whose {CONFIG_FILE} is not a JSON object"
+    diff = differences(recorded, asked)
+    if not diff:
+        return None
+    listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in diff[:SHOWN_FIELDS])
+    more = f" and {len(diff) - SHOWN_FIELDS} more" if len(diff) > SHOWN_FIELDS else ""
+    return f"{workdir} holds a run of another config: {listed}{more} (recorded -> asked)"
+
+
+def check_planned(planned: Sequence[tuple[str, dict]]) -> None:
+    """Before any run starts: every planned ``(workdir, asked config)`` must hold no run or a run of exactly the
+    asked config; else ``StaleRun``, one line naming the first such workdir, its differing fields and the fix,
+    and how many more there are."""
+    stale = [reason for reason in (stale_reason(workdir, asked) for workdir, asked in planned) if reason]
+    if stale:
+        more = f"; {len(stale) - 1} more run folder(s) here hold other runs too" if len(stale) > 1 else ""
+        raise StaleRun(f"{stale[0]}; use a new --workdir, or delete that folder to run it again{more}")
+
+
+def is_done(workdir: str, asked: dict | None = None) -> bool:
+    """Whether the run in ``workdir`` finished (its results.json exists) — with ``asked``, as exactly that
+    config (its recorded config.json equals it)."""
+    if not os.path.exists(os.path.join(workdir, RESULTS_FILE)):
+        return False
+    return asked is None or stale_reason(workdir, asked) is None
 
 
 def launch_main(argv: Sequence[str], log_path: str, env: dict) -> tuple[int, str]:
@@ -52,11 +166,16 @@ def launch_main(argv: Sequence[str], log_path: str, env: dict) -> tuple[int, str
     return proc.returncode, proc.stderr
 
 
-def run_main(config: str, workdir: str, overrides: Sequence[str], env: dict, name: str) -> dict:
+def run_main(config: str, workdir: str, overrides: Sequence[str], env: dict, name: str,
+             asked: dict | None = None) -> dict:
     """Train ``config`` with ``--config.*`` ``overrides`` in ``workdir`` (or resume it) unless it is done;
-    return its results.json. Output goes to ``workdir/log.txt`` (standard error after standard output).
-    Raises ``RunFailed``, or ``RunStopped`` when the run was stopped by SIGINT or SIGTERM."""
-    done = os.path.join(workdir, "results.json")
+    return its results.json. ``asked``: the run's resolved config (``resolve_config``); a workdir holding a
+    run of another config is then refused (``StaleRun``) instead of reused or resumed. Output goes to
+    ``workdir/log.txt`` (standard error after standard output). Raises ``RunFailed``, or ``RunStopped`` when
+    the run was stopped by SIGINT or SIGTERM."""
+    if asked is not None:
+        check_planned([(workdir, asked)])
+    done = os.path.join(workdir, RESULTS_FILE)
     if not os.path.exists(done):
         os.makedirs(workdir, exist_ok=True)
         log_path = os.path.join(workdir, "log.txt")

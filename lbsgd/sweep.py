@@ -10,8 +10,11 @@ Figure 1 and Table 1 on digits, the global minibatch kn grown through k at n = 1
         --grid="num_workers=64;optimizer=lars"
 
 Every (cell, seed) is one ``python -m lbsgd.main`` run in ``WORKDIR/<cell>/seed<s>``, one after another.
-A finished run (its results.json exists) is not rerun; an interrupted one resumes from its checkpoint;
-so rerunning the same command finishes an interrupted sweep. One progress line per run (runs done /
+A finished run of exactly the config asked for (its recorded config.json equals the config file with every
+override the run gets, ``lbsgd.runs.resolve_config``) is not rerun; an interrupted one resumes from its
+checkpoint; so rerunning the same command finishes an interrupted sweep. A run folder holding a run of
+another config (other ``--override`` values, say) is refused before any run starts: one line naming the
+folder and the differing fields, exit status 2. One progress line per run (runs done /
 total, elapsed, ETA). Runs share JAX's persistent compilation cache (``WORKDIR/.jax_cache``), so seeds
 after the first skip compiling.
 
@@ -39,7 +42,7 @@ import time
 from typing import Sequence
 
 from lbsgd import cli, runs
-from lbsgd.errors import GridError
+from lbsgd.errors import GridError, LbsgdError, StaleRun
 
 BATCH_FIELDS = ("num_workers", "per_worker_batch_size")
 
@@ -321,19 +324,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(c.label for c in args.cells))
         print(f"{len(args.cells)} cells x {len(args.seed_list)} seeds = {len(args.cells) * len(args.seed_list)} runs")
         return 0
-    os.makedirs(args.workdir, exist_ok=True)
-    env = runs.child_env(args.cpu_devices, compilation_cache=os.path.join(args.workdir, ".jax_cache"))
     extra = [f"--config.{o}" for o in args.override]
     todo = [(seed, cell) for seed in args.seed_list for cell in args.cells]  # seed-major: every cell early
+    overrides = {(seed, cell): [*extra, *cell.args(), f"--config.seed={seed}"] for seed, cell in todo}
+    try:  # every run's full config, checked against its folder before any run starts
+        asked = {key: runs.resolve_config(args.config, argv) for key, argv in overrides.items()}
+        runs.check_planned([(run_dir(args.workdir, c, s), asked[s, c]) for s, c in todo])
+    except LbsgdError as e:
+        print(f"lbsgd.sweep: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return runs.stopped("lbsgd.sweep", 0, len(todo))
+    os.makedirs(args.workdir, exist_ok=True)
+    env = runs.child_env(args.cpu_devices, compilation_cache=os.path.join(args.workdir, ".jax_cache"))
     progress = runs.Progress(len(todo), sum(not runs.is_done(run_dir(args.workdir, c, s)) for s, c in todo))
     rows, histories, failures = [], {}, []
     try:
         for i, (seed, cell) in enumerate(todo, 1):
             path = run_dir(args.workdir, cell, seed)
-            cached, t_run = runs.is_done(path), time.time()
+            cached, t_run = runs.is_done(path, asked[seed, cell]), time.time()
             try:
-                results = runs.run_main(args.config, path, [*extra, *cell.args(), f"--config.seed={seed}"], env,
-                                        f"{cell.label}, seed {seed}")
+                results = runs.run_main(args.config, path, overrides[seed, cell], env, f"{cell.label}, seed {seed}",
+                                        asked=asked[seed, cell])
             except runs.RunFailed as e:
                 failures.append(str(e))
                 print(f"[{i}/{len(todo)}] {e}", flush=True)
@@ -346,6 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(progress.line(i, f"{cell.label}, seed {seed}", result, time.time() - t_run, cached), flush=True)
     except (KeyboardInterrupt, runs.RunStopped):
         return runs.stopped("lbsgd.sweep", len(rows), len(todo))
+    except StaleRun as e:  # a folder changed under the sweep since the check above
+        print(f"lbsgd.sweep: error: {e}", file=sys.stderr)
+        return e.exit_code
     if rows:
         order = {c.label: i for i, c in enumerate(args.cells)}
         rows.sort(key=lambda r: (order[r["cell"]], r["seed"]))

@@ -17,13 +17,13 @@ import pytest
 
 from lbsgd import strategies
 from lbsgd.bench import cli as bench
-from lbsgd.bench import common, flops, harness
+from lbsgd.bench import common, flops, harness, hlo
 from lbsgd.bench.peers import flax as flax_peer
 from lbsgd.errors import PeerError
 from lbsgd.models import factory as model_factory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUBCOMMANDS = ("allreduce", "input", "step", "strategies", "workers")
+SUBCOMMANDS = ("allreduce", "hlo", "input", "step", "strategies", "workers")
 
 
 class Linear(nn.Module):
@@ -374,3 +374,42 @@ def test_step_against_the_flax_example(tmp_path):
     r = json.loads(out.read_text())
     assert r["flax_flops_per_step"] == r["flops_per_step"]  # the same ResNet v1.5, the same batch
     assert r["ratio_lbsgd_to_flax"] == pytest.approx(r["images_per_second"] / r["flax_images_per_second"])
+
+
+def test_hlo_counts_by_hand():
+    """The entry computation's ops of a hand-written module; is-finite counted in every computation."""
+    text = """HloModule m
+%fused (p: f32[4]) -> pred[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %f = pred[4]{0} is-finite(%p)
+}
+
+ENTRY %main (a: f32[4], b: f32[4]) -> (f32[4], pred[4]) {
+  %a = f32[4]{0} parameter(0)
+  %b = f32[4]{0} parameter(1)
+  %c = f32[4]{0} copy(%a)
+  %s = f32[4]{0} fusion(%c, %b), kind=kLoop, calls=%x
+  %g = pred[4]{0} fusion(%s), kind=kLoop, calls=%fused
+  ROOT %t = (f32[4]{0}, pred[4]{0}) tuple(%s, %g)
+}
+"""
+    got = hlo.hlo_counts(text)
+    assert got["entry_instructions"] == 6 and got["fusions"] == 2 and got["copies"] == 1 and got["is_finite"] == 1
+    assert got["top_ops"] == {"parameter": 2, "fusion": 2, "copy": 1, "tuple": 1}
+
+
+def test_hlo_of_the_step_has_no_per_leaf_finiteness_check(tmp_path):
+    """The real step's non-finite flag is one reduction: at most two is-finite ops however many leaves."""
+    out = tmp_path / "hlo.json"
+    argv = ["hlo", "--model=resnet8", "--model_width=8", "--image_size=8", "--num_classes=10", "--dtype=float32"]
+    assert bench.main(argv + ["--num_workers=2", "--per_worker_batch_size=2", f"--json={out}"]) == 0
+    r = json.loads(out.read_text())["lbsgd"]
+    assert 0 < r["is_finite"] <= 2 and r["entry_instructions"] > r["fusions"] > 0
+
+
+@pytest.mark.skipif(not os.environ.get("LBSGD_FLAX_DIR"), reason="set LBSGD_FLAX_DIR to a google/flax checkout")
+def test_hlo_within_three_percent_of_the_flax_example(tmp_path):
+    """Slow (two ResNet-50 compiles); runs only with LBSGD_FLAX_DIR set."""
+    out = tmp_path / "hlo.json"
+    assert bench.main(["hlo", f"--flax_dir={os.environ['LBSGD_FLAX_DIR']}", f"--json={out}"]) == 0
+    assert json.loads(out.read_text())["ratio"] <= 1.03

@@ -75,6 +75,34 @@ def async_ps(k, staleness=0, delay="fixed", seed=0):
     return strategies.AsyncPS(staleness=staleness, delay=delay, seed=seed, num_workers=k)
 
 
+def pull_schedule(k, tau, delay, seed, steps):
+    """The documented pull schedule, event by event: ``ages[t, i]`` = the staleness of worker i's gradient
+    at step t (steps since the server state it holds), ``next_pull[t, i]`` = the step after which it pulls
+    next, as known after step t. Every worker holds the initial model at step 0 (pulled "after step −1").
+    'fixed': worker i pulls after step t when (t + 1 + i) mod (τ + 1) = 0. 'random': a pull after step
+    t − 1 (t = 0: the start) draws worker i's next interval uniformly from 1 … τ + 1 with the key
+    fold_in(fold_in(PRNGKey(seed), t), i) — drawn here with jax.random, not by the strategy."""
+
+    def interval(t, i):
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), t), i)
+        return int(jax.random.randint(key, (), 1, tau + 2))
+
+    ages, next_pull = np.zeros((steps, k), int), np.zeros((steps, k), int)
+    for i in range(k):
+        last = -1
+        if delay == "random":
+            nxt = interval(0, i) - 1
+        else:  # the first t >= 0 with (t + 1 + i) mod (τ + 1) = 0
+            nxt = (-1 - i) % (tau + 1)
+        for t in range(steps):
+            ages[t, i] = t - 1 - last
+            if t == nxt:
+                last = t
+                nxt = t + (interval(t + 1, i) if delay == "random" else tau + 1)
+            next_pull[t, i] = nxt
+    return ages, next_pull
+
+
 @pytest.mark.parametrize("d", [8, 2])
 def test_async_ps_staleness_zero_equals_allreduce(d):
     k = 8
@@ -102,24 +130,50 @@ def test_async_ps_applies_the_gradient_at_the_parameters_of_step_t_minus_s(delay
     rng = np.random.default_rng(2)
     c = rng.normal(size=(k, 3)).astype(np.float32)
     init = rng.normal(size=3)
-    out = drive(async_ps(k, tau, delay, seed=5), k, d, init, c, lr, 12)
+    steps = 12
+    out = drive(async_ps(k, tau, delay, seed=5), k, d, init, c, lr, steps)
+    ages, _ = pull_schedule(k, tau, delay, 5, steps)  # the staleness of every gradient, computed here
     history = [init]
-    ages_seen = []
-    ages = np.zeros(k, int)  # before the first step every worker holds the initial model
     for t, (params, extra, metrics) in enumerate(out):
-        grad = sum(history[t - ages[i]] - c[i] for i in range(k))
+        grad = sum(history[t - ages[t, i]] - c[i] for i in range(k))
         history.append(history[t] - lr * grad)
         np.testing.assert_allclose(params["x"], history[-1], rtol=1e-5, atol=1e-5)
-        assert metrics["staleness_max"] == ages.max() and metrics["staleness_mean"] == pytest.approx(ages.mean())
-        ages_seen.append(ages.copy())
-        ages = np.asarray(extra["age"])
-    ages_seen = np.array(ages_seen)
-    assert ages_seen.max() == tau if delay == "fixed" else 1 <= ages_seen.max() <= tau
-    if delay == "fixed":  # staggered: worker i pulls after step t when (t + 1 + i) mod (tau + 1) = 0
-        for t in range(1, 12):
-            for i in range(k):
-                pulled = (t + i) % (tau + 1) == 0
-                assert ages_seen[t, i] == (0 if pulled else ages_seen[t - 1, i] + 1)
+        assert metrics["staleness_max"] == ages[t].max(), t
+        assert metrics["staleness_mean"] == pytest.approx(ages[t].mean(), rel=1e-6), t
+        if t + 1 < steps:
+            np.testing.assert_array_equal(extra["age"], ages[t + 1])
+    assert ages.max() == tau if delay == "fixed" else 1 <= ages.max() <= tau
+    assert len({tuple(a) for a in ages.T}) > 1  # the workers' schedules differ (staggered or drawn per worker)
+
+
+def test_async_ps_random_pulls_are_per_worker_bounded_and_seeded():
+    """delay='random': each worker's pull intervals (read off the ages the strategy records) lie in
+    1 … τ + 1, the workers do not pull in lockstep, the countdowns match the documented draws, and the
+    schedule is a function of the seed: the same seed gives the same run, another seed another one."""
+    k, d, tau, steps = 8, 2, 3, 16
+    c = np.zeros((k, 1), np.float32)
+
+    def recorded(seed):
+        out = drive(async_ps(k, tau, "random", seed=seed), k, d, np.ones(1), c, 0.0, steps)
+        ages = np.stack([np.asarray(e["age"]) for _, e, _ in out])  # ages after each step
+        countdown = np.stack([np.asarray(e["countdown"]) for _, e, _ in out])
+        return ages, countdown
+
+    ages, countdown = recorded(7)
+    for i in range(k):
+        pulls = [-1, *np.flatnonzero(ages[:, i] == 0)]  # pulled after these steps (-1: the initial copy)
+        assert len(pulls) >= 4, (i, pulls)
+        assert np.all((np.diff(pulls) >= 1) & (np.diff(pulls) <= tau + 1)), (i, pulls)
+        assert steps - 1 - pulls[-1] <= tau  # no interval longer than τ + 1 at the end either
+    assert len({tuple(a) for a in ages.T}) > 1, ages  # not in lockstep
+    want_ages, next_pull = pull_schedule(k, tau, "random", 7, steps)
+    np.testing.assert_array_equal(ages[:-1], want_ages[1:])
+    np.testing.assert_array_equal(countdown, next_pull - np.arange(steps)[:, None])
+    again, again_countdown = recorded(7)
+    np.testing.assert_array_equal(again, ages)
+    np.testing.assert_array_equal(again_countdown, countdown)
+    other, _ = recorded(8)
+    assert not np.array_equal(other, ages)
 
 
 @pytest.mark.parametrize("name", ["easgd", "async_ps"])

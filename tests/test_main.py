@@ -87,6 +87,8 @@ BAD_INPUTS = {
     "word_for_an_integer": (["--config.num_workers=eight"], "--config.num_workers=eight"),
     "fraction_for_an_integer": (["--config.num_workers=8.5"], "num_workers"),
     "unknown_override": (["--config.num_wrokers=8"], "num_wrokers"),
+    "zero_heartbeat_timeout": (["--heartbeat_timeout_s=0"], "--heartbeat_timeout_s=0"),
+    "negative_process_id": (["--process_id=-1"], "--process_id=-1"),
     # Files
     "missing_config_file": (["--config=experiments/no_such_file.py"], "no_such_file.py"),
     "missing_config_file_space_form": (["--config", "experiments/no_such_file.py"], "'experiments/no_such_file.py'"),
@@ -497,3 +499,131 @@ def test_sigkill_at_random_moments_and_mid_save_then_resume_gives_the_same_resul
     got = _read(tmp_path / "results.json")
     for field in ("eval_accuracy", "eval_loss", "train_loss", "steps", "epochs"):
         assert got[field] == pytest.approx(want[field], rel=1e-6, abs=1e-7), field
+
+
+# ---------------------------------------------------------------------------- one run per workdir, stops, environment
+
+
+def _wait_for_lock(workdir, proc, timeout=120):
+    """Until ``proc`` holds the workdir's lock (its record is in the lock file)."""
+    lock = workdir / ".lbsgd.lock"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if lock.exists() and lock.read_text().strip():
+            return json.loads(lock.read_text())
+        time.sleep(0.02)
+    raise AssertionError("the first run never took the lock")
+
+
+def test_a_second_run_on_a_busy_workdir_is_refused_and_the_first_is_unchanged(reference_run, tmp_path, data_dir):
+    _, want = reference_run
+    first = start_forked(*_short_args(tmp_path, data_dir))
+    holder = _wait_for_lock(tmp_path, first)
+    second = run_forked(*_short_args(tmp_path, data_dir))
+    lines = [ln for ln in second.stderr.splitlines() if ln.strip() and not ABSL_LOG.match(ln)]
+    assert second.returncode == 2 and len(lines) == 1, second.stderr
+    assert f"is in use by another lbsgd run (pid {holder['pid']} on host" in lines[0], lines[0]
+    assert first.wait(240) == 0
+    got = _read(tmp_path / "results.json")
+    for field in ("eval_accuracy", "eval_loss", "train_loss", "steps"):
+        assert got[field] == want[field], field  # bitwise the lone run's numbers
+    assert (tmp_path / ".lbsgd.lock").read_text() == ""  # released at a clean end
+
+
+def test_resuming_with_fewer_steps_than_done_is_refused(reference_run, tmp_path, data_dir):
+    workdir, results = reference_run
+    shutil.copytree(workdir, tmp_path / "run")
+    proc = run_forked(*_short_args(tmp_path / "run", data_dir), "--config.max_steps=8")
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ABSL_LOG.match(ln)]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert f"holds a run at step {results['steps']}, past the 8 steps this config trains" in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("delay_s, sig", [(0.2, signal.SIGINT), (1.0, signal.SIGINT), (2.0, signal.SIGINT), (1.0, signal.SIGTERM)])
+def test_a_signal_before_the_first_step_is_one_line_and_the_loops_exit_status(tmp_path, data_dir, delay_s, sig):
+    """Ctrl-C or SIGTERM while loading, validating or compiling: the run ends at once with one line and the
+    status a stop during training has (130 / 143); nothing is half-written and the workdir is free again."""
+    args = [DIGITS, f"--workdir={tmp_path}", f"--config.data_dir={data_dir}", "--config.model=resnet20"]
+    proc = start_forked(*args)  # ResNet-20: seconds of compilation before the first step
+    time.sleep(delay_s)
+    proc.send_signal(sig)
+    assert proc.wait(60) == 128 + sig
+    err = proc.completed().stderr
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ABSL_LOG.match(ln)]
+    assert "Traceback" not in err and len(lines) == 1, err
+    name = signal.Signals(sig).name
+    assert lines[0] == f"lbsgd: stopped by {name} before the first step; rerun the same command to start or resume"
+    assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")
+    assert not (tmp_path / ".lbsgd.lock").exists() or (tmp_path / ".lbsgd.lock").read_text() == ""
+
+
+def test_no_devices_is_one_line(tmp_path, data_dir):
+    proc = fork_runner().run(
+        DIGITS, f"--workdir={tmp_path}", f"--config.data_dir={data_dir}",
+        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=0"},
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "lbsgd: error: XLA_FLAGS asks for --xla_force_host_platform_device_count=0" in proc.stderr
+
+
+def test_an_accelerator_that_is_not_there_is_one_line(tmp_path):
+    """JAX_PLATFORMS is read when JAX is imported: a real process (no forked one)."""
+    from conftest import run_main
+
+    proc = run_main(DIGITS, f"--workdir={tmp_path}", env={"JAX_PLATFORMS": "tpu"}, timeout=120)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ABSL_LOG.match(ln)]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[-1].startswith("lbsgd: error: JAX_PLATFORMS='tpu' asks for a backend this machine cannot start")
+
+
+def test_backend_messages_name_the_setting(monkeypatch):
+    """check_backend's three messages, from JAX's own errors (no process needed)."""
+    from lbsgd import errors, main
+
+    def fail(error):
+        def devices():
+            raise error
+
+        return devices
+
+    cases = [
+        ({"JAX_PLATFORMS": "cuda"}, AssertionError(), "JAX_PLATFORMS='cuda' asks for a backend this machine cannot start (no such device here)"),
+        ({"JAX_PLATFORMS": "gpu"}, RuntimeError("Unable to initialize backend 'rocm': not known (set JAX_PLATFORMS='' to x)"), "(Unable to initialize backend 'rocm': not known)"),
+        ({"JAX_PLATFORMS": ""}, RuntimeError("broken plugin"), "JAX cannot start a backend (broken plugin)"),
+    ]  # fmt: skip
+    for env, error, message in cases:
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setattr(jax, "devices", fail(error))
+        with pytest.raises(errors.ConfigError) as e:
+            main.check_backend()
+        assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_workdir_with_a_tilde_is_under_home(tmp_path, data_dir):
+    from conftest import REPO
+
+    proc = fork_runner().run(
+        DIGITS, "--workdir=~/x", f"--config.data_dir={data_dir}", *TINY, "--config.max_steps=1",
+        env={"HOME": str(tmp_path)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "x" / "results.json").exists() and not os.path.exists(os.path.join(REPO, "~"))
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--heartbeat_timeout_s=0", "argument --heartbeat_timeout_s: must be > 0, got 0"),
+        ("--port=99999", "argument --port: must be a port number from 0 to 65535, got 99999"),
+        ("--num_processes=0", "argument --num_processes: must be > 0, got 0"),
+        ("--devices_per_process=-2", "argument --devices_per_process: must be > 0, got -2"),
+    ],
+)
+def test_launcher_flags_are_checked_in_one_line(capsys, flag, message):
+    from lbsgd import launch
+
+    with pytest.raises(SystemExit) as e:
+        launch.main([flag, "--", DIGITS, "--workdir=/nonexistent/never/used"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == f"python -m lbsgd.launch: error: {message}\n"

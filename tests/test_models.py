@@ -140,3 +140,37 @@ def test_small_output_convolutions_equal_xla_convolution_with_gradients(shape, k
     prims = {e.primitive.name for e in jax.make_jaxpr(loss(resnet.conv_general_dilated))(x, w).jaxpr.eqns}
     products = want.shape[1] * want.shape[2] <= resnet.SMALL_CONV_POSITIONS and shape[-1] >= resnet.SMALL_CONV_MIN_CHANNELS
     assert ("conv_general_dilated" in prims) != products, prims
+
+
+def test_space_to_depth_stem_is_the_same_function_of_the_same_parameters():
+    """The 7x7/2 stem as a 4x4/1 convolution on a 2x2 space-to-depth input: the same parameters (a checkpoint
+    of one loads into the other), outputs and gradients within float32 rounding of the standard stem, for
+    random weights and even and odd image sizes."""
+    import numpy as np
+
+    conv = ("NHWC", "HWIO", "NHWC")
+    for size in (32, 33, 8):  # the stem alone against lax's own strided convolution
+        x = jax.random.normal(jax.random.PRNGKey(size), (2, size, size, 3))
+        kernel = jax.random.normal(jax.random.PRNGKey(7), (7, 7, 3, 8))
+        want = jax.lax.conv_general_dilated(x, kernel, (2, 2), [(3, 3), (3, 3)], dimension_numbers=conv)
+        got = resnet.SpaceToDepthStem(8).apply({"params": {"kernel": kernel}}, x)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 33, 33, 3))
+    std, s2d = (resnet.ResNet((1,), "basic", num_classes=10, stem=stem, width=8) for stem in ("imagenet", "space_to_depth"))
+    v_std, v_s2d = std.init(jax.random.PRNGKey(0), x, train=False), s2d.init(jax.random.PRNGKey(0), x, train=False)
+    assert jax.tree.structure(v_std) == jax.tree.structure(v_s2d)
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), v_std, v_s2d)))
+    # random weights everywhere (zero-gamma would hide the block), then the network and its gradient
+    leaves, tree = jax.tree.flatten(v_std["params"])
+    keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+    params = jax.tree.unflatten(tree, [0.1 * jax.random.normal(k, p.shape) for k, p in zip(keys, leaves)])
+    r = jax.random.normal(jax.random.PRNGKey(3), (2, 10))
+
+    def logits_of(model, p):  # running statistics: train-mode BN over 2 images would amplify rounding
+        return model.apply({"params": p, "batch_stats": v_std["batch_stats"]}, x, train=False)
+
+    want_logits = logits_of(std, params)
+    np.testing.assert_allclose(logits_of(s2d, params), want_logits, atol=1e-4 * float(jnp.max(jnp.abs(want_logits))))
+    g_std, g_s2d = (jax.grad(lambda p, m=m: jnp.sum(logits_of(m, p) * r))(params) for m in (std, s2d))
+    for a, b in zip(jax.tree.leaves(g_s2d), jax.tree.leaves(g_std)):
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-4 * float(jnp.max(jnp.abs(b))))

@@ -53,14 +53,19 @@ def _population(seed=0, size=512, dim=6):
     return x, labels
 
 
-def _closed_form_noise(params, x, labels):
-    """|G|², tr(Σ) of one example's gradient over the population, from the closed form in numpy."""
+def _per_example_gradients(params, x, labels):
+    """Each example's gradient of its cross-entropy [N, P] (kernel then bias), closed form in float64."""
     w, b = np.asarray(params["Dense_0"]["kernel"], np.float64), np.asarray(params["Dense_0"]["bias"], np.float64)
     logits = x.astype(np.float64) @ w + b
     p = np.exp(logits - logits.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
     r = p - np.eye(3)[labels]  # dℓ/dlogits
-    per_example = np.concatenate([(x[:, :, None] * r[:, None, :]).reshape(len(x), -1), r], axis=1)
+    return np.concatenate([(x[:, :, None] * r[:, None, :]).reshape(len(x), -1), r], axis=1)
+
+
+def _closed_form_noise(params, x, labels):
+    """|G|², tr(Σ) of one example's gradient over the population, from the closed form in numpy."""
+    per_example = _per_example_gradients(params, x, labels)
     g = per_example.mean(0)
     return float(g @ g), float(((per_example - g) ** 2).sum(1).mean())
 
@@ -84,12 +89,54 @@ def test_train_step_recovers_the_closed_form_noise_scale():
         b = train.global_batch(lay, {"image": x[idx], "label": labels[idx]})
         state, metrics = step(state, b["image"], b["label"])
         jax.block_until_ready(state)
-    out = jax.device_get(noise_scale.read(state.noise))
+    # The bias-corrected averages read by hand from the raw state (not through noise_scale.read).
+    raw = {key: float(v) for key, v in jax.device_get(state.noise).items()}
+    assert raw["weight"] == pytest.approx(1 - 0.995**steps, rel=1e-4)  # Σ_t (1 − decay) decay^t
+    out = {"noise_g2": raw["g2"] / raw["weight"], "noise_trace": raw["trace"] / raw["weight"],
+           "noise_scale": raw["trace"] / raw["g2"], "noise_scale_run": raw["sum_trace"] / raw["sum_g2"]}
     assert 4 < trace / g2 < 1000, (g2, trace)  # above B_small: measurable
     assert out["noise_scale_run"] == pytest.approx(trace / g2, rel=0.10)
     assert out["noise_scale"] == pytest.approx(trace / g2, rel=0.10)  # the moving average (≈ last 200 steps)
     assert out["noise_g2"] == pytest.approx(g2, rel=0.10) and out["noise_trace"] == pytest.approx(trace, rel=0.10)
-    assert float(metrics["noise_scale"]) == pytest.approx(out["noise_scale"])
+    for key, value in out.items():  # the last step's logged metrics are that state's read-out
+        assert float(metrics[key]) == pytest.approx(value, rel=1e-5), key
+
+
+def test_one_train_step_logs_the_estimates_exactly():
+    """One step from the initial state, k = 8 workers x n = 4 on 2 devices: the logged |G|² and tr(Σ) and the
+    stored state equal McCandlish et al.'s estimators computed in numpy from the closed-form per-example
+    gradients at the step's parameters, with B_small = n (each worker's mean gradient) and B_big = kn."""
+    k, n, decay = 8, 4, 0.9
+    x, labels = _population(seed=3, size=k * n)
+    model, lay = Linear(), layout_lib.make_layout(k, 2)
+    tx = optax.sgd(0.5)
+    state = train.create_train_state(model, tx, lay, x.shape[1:], seed=0, noise_scale=True)
+    params = jax.device_get(state.params)
+    step = train.make_train_step(model, tx, optax.constant_schedule(0.5), lay, per_worker_batch_size=n,
+                                 noise_scale=True, noise_scale_decay=decay)
+    b = train.global_batch(lay, {"image": x, "label": labels})
+    state, metrics = step(state, b["image"], b["label"])
+    noise, metrics = jax.device_get((state.noise, metrics))
+
+    per_example = _per_example_gradients(params, x, labels)  # worker w holds rows w·n … w·n + n − 1
+    small = per_example.reshape(k, n, -1).mean(1)  # G_small of each worker, over its n examples
+    small_sq = np.mean(np.sum(small**2, axis=1))  # averaged over the k workers
+    big_sq = np.sum(per_example.mean(0) ** 2)  # |G_big|², over all kn
+    b_small, b_big = n, k * n
+    g2 = (b_big * big_sq - b_small * small_sq) / (b_big - b_small)
+    trace = (small_sq - big_sq) / (1 / b_small - 1 / b_big)
+    assert g2 > 0 and trace > 0
+
+    assert float(metrics["noise_g2"]) == pytest.approx(g2, rel=1e-5)
+    assert float(metrics["noise_trace"]) == pytest.approx(trace, rel=1e-5)
+    assert float(metrics["noise_scale"]) == pytest.approx(trace / g2, rel=1e-5)
+    assert float(metrics["noise_scale_run"]) == pytest.approx(trace / g2, rel=1e-5)
+    # The state after one update from zeros: the moving averages carry (1 − decay) of the estimates.
+    assert float(noise["weight"]) == pytest.approx(1 - decay, rel=1e-6)
+    assert float(noise["g2"]) == pytest.approx((1 - decay) * g2, rel=1e-5)
+    assert float(noise["trace"]) == pytest.approx((1 - decay) * trace, rel=1e-5)
+    assert float(noise["sum_g2"]) == pytest.approx(g2, rel=1e-5)
+    assert float(noise["sum_trace"]) == pytest.approx(trace, rel=1e-5)
 
 
 def _three_steps(d, noise, accumulation_steps=1, k=8, n=4):

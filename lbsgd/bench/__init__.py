@@ -4,6 +4,7 @@
 subcommand      what it times
 ==============  ==================================================================================
 ``allreduce``   ring and halving/doubling allreduce (Goyal et al. §4) against ``lax.psum``
+``hlo``         the compiled train step's size (optimized HLO instructions), beside the Flax example's
 ``input``       the tf.data ImageNet input pipeline, images/s total and per host core
 ``step``        the real train step: images/s, step-time spread, FLOPs, MFU against a peak measured
                 in the same run, peak device memory; ``--peer=flax`` times the Flax example beside it

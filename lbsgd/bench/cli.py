@@ -8,12 +8,13 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from lbsgd.bench import allreduce, step, strategies, workers
+from lbsgd.bench import allreduce, hlo, step, strategies, workers
 from lbsgd.bench import input as input_bench
 
 #: subcommand -> ``main(argv) -> exit status``
 SUBCOMMANDS = {
     "allreduce": allreduce.main,
+    "hlo": hlo.main,
     "input": input_bench.main,
     "step": step.main,
     "strategies": strategies.main,

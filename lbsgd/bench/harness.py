@@ -57,20 +57,24 @@ def bench_config(
     accumulation_steps: int = 1,
     strategy: str = "allreduce",
     aggregation: str = "psum",
+    model_stem: str = "",
+    steps_per_dispatch: int = 1,
 ) -> ml_collections.ConfigDict:
     """A full run config (``schema.base_config()``) for one benchmark setting.
 
     k = ``num_workers`` workers of n = ``per_worker_batch_size`` examples; ``model`` at ``dtype``
     ('float32' | 'bfloat16' | 'float16', mapped by ``lbsgd.models.factory.DTYPES``) with ``model_width``
-    channels in its first stage (0: the model's default) and its own stem; ``accumulation_steps``
+    channels in its first stage (0: the model's default) and ``model_stem`` ('': its own); ``accumulation_steps``
     microsteps a step (0: automatic); ``strategy`` by its registered name, with its option section at
-    the defaults; ``aggregation`` for allreduce. The schedule and optimizer are ``LEARNING_RATE``.
+    the defaults; ``aggregation`` for allreduce; ``steps_per_dispatch`` steps a call (``lax.scan``). The
+    schedule and optimizer are ``LEARNING_RATE``.
     """
     config = schema.base_config()
     config.update(LEARNING_RATE)
     config.model = model
     config.model_width = model_width
-    config.model_stem = ""
+    config.model_stem = model_stem
+    config.steps_per_dispatch = steps_per_dispatch
     config.dtype = dtype
     config.num_workers = num_workers
     config.per_worker_batch_size = per_worker_batch_size
@@ -111,7 +115,8 @@ def measure_step(
     k = ``program.layout.num_workers`` workers of n = ``config.per_worker_batch_size`` images. Compiles
     ahead of time (timed apart), then ``common.time_steps``: ``warmup`` untimed windows and ``repeats``
     timed ones of ``in_flight`` steps each, waited for at the end of the window (1, the default, waits on
-    every step: never two steps in flight, the CPU collectives hazard); ``times`` are seconds per step.
+    every step: never two steps in flight, the CPU collectives hazard); ``times`` are seconds per step
+    (with ``config.steps_per_dispatch`` = s, a call runs s steps on s copies of the batch: its time / s).
     With ``profile_dir``, one more window runs under ``jax.profiler.trace`` there (after the timing, so
     the timing is not the profiler's). Returns ``{'times', 'compile_s', 'step_flops', 'xla_flops',
     'memory', 'loss', 'profile_error'}``: ``step_flops`` = model FLOPs per step from the jaxpr when
@@ -123,9 +128,12 @@ def measure_step(
     image_size, _, channels = program.image_shape
     state = program.init_state()
     images, labels = random_batch(k * n, image_size, num_classes, channels)
-    b = layout_lib.global_batch(layout, {"image": images, "label": labels})
+    s = program.config.steps_per_dispatch
+    if s > 1:
+        images, labels = np.stack([images] * s), np.stack([labels] * s)
+    b = layout_lib.global_batch(layout, {"image": images, "label": labels}, stacked=s > 1)
     compiled, compile_s = common.compile_timed(step, state, b["image"], b["label"])
-    flops = jaxpr_flops(jax.make_jaxpr(step)(state, b["image"], b["label"]).jaxpr) if count_flops else 0.0
+    flops = jaxpr_flops(jax.make_jaxpr(step)(state, b["image"], b["label"]).jaxpr) / s if count_flops else 0.0
     carry = {"state": state}
 
     def one_step():
@@ -134,7 +142,7 @@ def measure_step(
     def wait():
         jax.block_until_ready((carry["state"], carry["metrics"]))
 
-    times = common.time_steps(one_step, wait, repeats=repeats, warmup=warmup, in_flight=in_flight)
+    times = [t / s for t in common.time_steps(one_step, wait, repeats=repeats, warmup=warmup, in_flight=in_flight)]
     profile_error = _profile(profile_dir, one_step, wait, in_flight) if profile_dir else None
     return {
         "times": times,
@@ -142,7 +150,7 @@ def measure_step(
         "step_flops": flops,
         "xla_flops": common.xla_flops(compiled),
         "memory": common.memory_analysis(compiled),
-        "loss": float(carry["metrics"]["loss"]),
+        "loss": float(np.atleast_1d(carry["metrics"]["loss"])[-1]),
         "profile_error": profile_error,
     }
 

@@ -90,7 +90,13 @@ def make_parser() -> cli.ArgumentParser:
     ap.add_argument("--per_worker_batch_size", type=cli.positive(int), default=8, help="n (default 8; the paper: 32)")
     ap.add_argument("--num_devices", type=cli.positive(int), default=1, help="devices to spread the k workers over")
     ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
-    ap.add_argument("--aggregation", default="psum")
+    ap.add_argument("--aggregation", default="psum", help="allreduce: psum | ring | halving_doubling")
+    ap.add_argument(
+        "--model_stem", default="", choices=("", "imagenet", "space_to_depth", "small"), help="'' = the model's own"
+    )
+    ap.add_argument(
+        "--steps_per_dispatch", type=cli.positive(int), default=1, help="steps a call runs on the device (default 1)"
+    )
     ap.add_argument("--repeats", type=cli.positive(int), default=5, help="timed steps (default 5)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed windows after compiling (default 1)")
     ap.add_argument(
@@ -191,6 +197,8 @@ def run_lbsgd(args, setting: Setting) -> tuple[dict, str | None]:
         dtype=args.dtype,
         model_width=width,
         aggregation=args.aggregation,
+        model_stem=args.model_stem,
+        steps_per_dispatch=args.steps_per_dispatch,
     )
     program = harness.build_program(config, layout, num_classes=args.num_classes)
     m = harness.measure_step(
@@ -225,6 +233,8 @@ def run_lbsgd(args, setting: Setting) -> tuple[dict, str | None]:
         warmup=args.warmup,
         repeats=stats["repeats"],
         in_flight=setting.in_flight,
+        model_stem=args.model_stem,
+        steps_per_dispatch=args.steps_per_dispatch,
         **common.time_fields(stats, keys=("median", "min", "max", "q25", "q75", "iqr")),
         images_per_second=k * n / med,
         flops_per_step=flops,

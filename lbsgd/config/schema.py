@@ -27,7 +27,7 @@ DTYPES = ("float32", "bfloat16")  # float16 needs loss scaling, which lbsgd does
 AUGMENTATIONS = ("none", "shift", "inception")
 DATASETS = ("digits", "imagenet2012", "tfds:<name>", "folder:<path>")
 NONFINITE_POLICIES = ("stop", "skip")  # config.on_nonfinite
-STEMS = ("", "imagenet", "small")  # '' = the model's own stem
+STEMS = ("", "imagenet", "space_to_depth", "small")  # '' = the model's own stem
 
 
 def _positive(name, value):
@@ -143,7 +143,7 @@ FIELDS: tuple[Field, ...] = (
     # Model.
     F("model", "resnet8", "a ResNet of lbsgd.models.resnet", tuple(ARCHITECTURES)),
     F("model_width", 16, "channels of the first stage; 0 = the model's default", check=_zero_or_count),
-    F("model_stem", "", "'' (the model's own) | 'imagenet' | 'small'", STEMS),
+    F("model_stem", "", "'' (the model's own) | 'imagenet' | 'space_to_depth' (same function, MLPerf's layout) | 'small'", STEMS),
     F("dtype", "float32", "compute dtype: 'float32' | 'bfloat16' (parameters stay float32)", check=_string),
     F("label_smoothing", 0.0, "label smoothing of the cross-entropy", check=in_range(0.0, 1.0, high_open=True)),
     # Optimizer (lbsgd.optim.factory).
@@ -173,6 +173,7 @@ FIELDS: tuple[Field, ...] = (
     F("eval_every_epochs", 10, "epochs between evaluations; 0 = at the end only", check=in_range(0.0, math.inf, True)),
     F("checkpoint_every_steps", 200, "steps between checkpoints", check=_positive),
     F("max_steps", -1, ">0: stop after this many steps (smoke tests)", check=_integer),
+    F("steps_per_dispatch", 1, "steps run on the device per call (lax.scan); logging etc. rounded to it", check=_positive),
     F("noise_scale", False, "estimate the gradient noise scale B_simple (allreduce, k >= 2)", check=_boolean),
     F("noise_scale_decay", 0.99, "decay per step of its moving average", check=in_range(0.0, 1.0, high_open=True)),
     F("target_accuracy", 0.0, ">0: results.json's seconds_to_target", check=in_range(0.0, 1.0)),

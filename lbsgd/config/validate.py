@@ -128,13 +128,30 @@ def check_dataset(config, num_train_examples: int) -> None:
         )
 
 
-def check_workdir(workdir: str) -> None:
-    """The workdir must be creatable and writable."""
+def check_workdir(workdir: str) -> str:
+    """The workdir, with ``~`` expanded, made absolute, must be creatable and writable, short enough for
+    the files a checkpoint writes below it, and hold no ``checkpoints`` that is not a writable directory
+    (``lbsgd.checkpoint.path_problem``, ``check_dir``). Returns that absolute path (use it from here on:
+    ``--workdir=~/x`` is ``$HOME/x``, not ``./~/x``)."""
+    from lbsgd import checkpoint
+    from lbsgd.errors import CheckpointError
+
     if not workdir:
         raise ConfigError("--workdir is required; pass --workdir=<a writable directory>")
+    path = os.path.abspath(os.path.expanduser(workdir))
+    problem = checkpoint.path_problem(path)
+    if problem:
+        raise ConfigError(problem)
     try:
-        os.makedirs(workdir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test"):
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test"):
             pass
     except OSError as e:
-        raise ConfigError(f"--workdir={workdir} is not writable ({e.strerror or e}); choose another --workdir") from e
+        raise ConfigError(
+            f"--workdir={checkpoint.short_path(path)} is not writable ({e.strerror or e}); choose another --workdir"
+        ) from None
+    try:
+        checkpoint.check_dir(path)
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    return path

@@ -1,8 +1,10 @@
 """ResNet v1.5 in flax.linen, initialised as in Goyal et al. §5.1.
 
 * v1.5: in a bottleneck block the stride sits on the 3x3 convolution, not the first 1x1.
-* Two stems: ``'imagenet'`` (7x7/2 conv + 3x3/2 max-pool, for 224x224 inputs) and ``'small'``
-  (one 3x3/1 conv, no pool, for 8x8 .. 32x32 inputs).
+* Stems: ``'imagenet'`` (7x7/2 conv + 3x3/2 max-pool, for 224x224 inputs), ``'space_to_depth'`` (the
+  same function of the same parameters, computed as MLPerf's TPU ResNet-50 does: a 4x4/1 convolution on
+  a 2x2 space-to-depth input of 12 channels, ``SpaceToDepthStem``) and ``'small'`` (one 3x3/1 conv, no
+  pool, for 8x8 .. 32x32 inputs).
 * Convolutions: He-normal init (fan_out, as in He et al. 2015); the final fully connected layer:
   weights N(0, 0.01²), bias 0 (Goyal §5.1).
 * Zero-γ: the last BatchNorm γ of every residual block starts at 0, so each block starts as the
@@ -174,6 +176,39 @@ class BottleneckBlock(nn.Module):
         return _add_shortcut(self, residual, y)
 
 
+def space_to_depth(x, block: int = 2):
+    """[B, H, W, C] -> [B, H/block, W/block, block·block·C]: each block x block patch becomes one position,
+    its pixels ordered (row in the patch, column in the patch, channel)."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // block, block, w // block, block, c)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h // block, w // block, block * block * c)
+
+
+class SpaceToDepthStem(nn.Module):
+    """The ImageNet stem's 7x7 stride-2 convolution (padding 3) computed as a 4x4 stride-1 convolution on a
+    2x2 space-to-depth input, as MLPerf's TPU ResNet-50 does: 12 input channels instead of 3 and no
+    stride, a better shape for matrix units. The parameter is the same 7x7xCxF ``kernel`` (checkpoints are
+    interchangeable with ``stem='imagenet'``); it is zero-padded to 8x8 (one leading row and column) and
+    regrouped to 4x4x(4C)xF, and the input is padded by 4 before / enough after and regrouped to match,
+    so that every output is the same sum of the same products."""
+
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        """[B, H, W, C] -> [B, ceil(H/2), ceil(W/2), features], equal to the 7x7/2 convolution."""
+        kernel = self.param("kernel", conv_init, (7, 7, x.shape[-1], self.features), jnp.float32)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        c = x.shape[-1]
+        k8 = jnp.pad(kernel, ((1, 0), (1, 0), (0, 0), (0, 0)))  # 8x8, a zero leading row and column
+        k4 = k8.reshape(4, 2, 4, 2, c, self.features).transpose(0, 2, 1, 3, 4, 5).reshape(4, 4, 4 * c, self.features)
+        out_h, out_w = (x.shape[1] + 1) // 2, (x.shape[2] + 1) // 2  # the 7x7/2 convolution's output, padding 3
+        pad_h, pad_w = 2 * (out_h + 3) - x.shape[1] - 4, 2 * (out_w + 3) - x.shape[2] - 4
+        x = jnp.pad(x, ((0, 0), (4, pad_h), (4, pad_w), (0, 0)))
+        return lax.conv_general_dilated(space_to_depth(x), k4, (1, 1), "VALID", dimension_numbers=_NHWC)
+
+
 class ResNet(nn.Module):
     """ResNet v1.5 classifier.
 
@@ -181,7 +216,8 @@ class ResNet(nn.Module):
       stage_sizes: blocks per stage.
       block: 'basic' or 'bottleneck'.
       num_classes: output logits.
-      stem: 'imagenet' (7x7/2 conv + max-pool) or 'small' (3x3/1 conv).
+      stem: 'imagenet' (7x7/2 conv + max-pool), 'space_to_depth' (the same, computed on a 2x2
+        space-to-depth input) or 'small' (3x3/1 conv).
       width: filters of the first stage (doubles every stage).
       dtype: compute dtype (e.g. bfloat16); parameters and BN statistics stay float32.
       bn_momentum: running-average momentum of BatchNorm (Goyal: 0.9).
@@ -211,15 +247,18 @@ class ResNet(nn.Module):
         )
         block_cls = {"basic": BasicBlock, "bottleneck": BottleneckBlock}[self.block]
         x = x.astype(self.dtype)
-        if self.stem == "imagenet":
-            x = conv(self.width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name="stem_conv")(x)
+        if self.stem in ("imagenet", "space_to_depth"):
+            if self.stem == "imagenet":
+                x = conv(self.width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name="stem_conv")(x)
+            else:
+                x = SpaceToDepthStem(self.width, dtype=self.dtype, name="stem_conv")(x)
             x = nn.relu(norm(name="stem_bn")(x))
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
         elif self.stem == "small":
             x = conv(self.width, (3, 3), name="stem_conv")(x)
             x = nn.relu(norm(name="stem_bn")(x))
         else:
-            raise ValueError(f"unknown stem {self.stem!r}: use 'imagenet' or 'small'")
+            raise ValueError(f"unknown stem {self.stem!r}: use 'imagenet', 'space_to_depth' or 'small'")
         for i, num_blocks in enumerate(self.stage_sizes):
             for j in range(num_blocks):
                 strides = 2 if i > 0 and j == 0 else 1

@@ -101,7 +101,8 @@ def make_layout(num_workers: int, num_devices: int = 0) -> WorkerLayout:
     return WorkerLayout(num_workers=num_workers, devices=tuple(chosen), process_index=pid, num_processes=nproc)
 
 
-def global_batch(layout: WorkerLayout, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Assemble this process's rows into global arrays sharded over the mesh (worker-major)."""
-    sharding = layout.sharding(P(AXIS))
+def global_batch(layout: WorkerLayout, local: dict[str, np.ndarray], stacked: bool = False) -> dict[str, jax.Array]:
+    """Assemble this process's rows into global arrays sharded over the mesh (worker-major). ``stacked``:
+    the arrays have a leading axis of steps (several steps' batches for one dispatch), not split."""
+    sharding = layout.sharding(P(None, AXIS) if stacked else P(AXIS))
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}

@@ -84,6 +84,7 @@ def build(config, layout: layout_lib.WorkerLayout, *, num_classes: int, channels
         skip_nonfinite=config.on_nonfinite == "skip",
         noise_scale=config.noise_scale,
         noise_scale_decay=config.noise_scale_decay,
+        steps_per_dispatch=config.steps_per_dispatch,
     )
     return Program(
         config=config,

@@ -1,5 +1,5 @@
 """The training loop: steps from the state's step to the end — train, log, evaluate, checkpoint — and a
-clean stop on a signal or a non-finite value.
+clean stop on a signal (``lbsgd.stopping``: finish the step, checkpoint, stop) or a non-finite value.
 
 Whenever the host reads the device anyway (logging, evaluation, checkpointing, the end, a stop), it first
 checks the steps' non-finite flags (``check_nonfinite``), so a non-finite state is never evaluated or saved.
@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 
 import jax
@@ -24,6 +23,7 @@ from clu import periodic_actions
 from lbsgd import checkpoint
 from lbsgd.data import pipeline
 from lbsgd.errors import Interrupted, NonFinite
+from lbsgd.stopping import STOP
 from lbsgd.trainer.evaluation import evaluate_run, global_batch
 from lbsgd.trainer.setup import Run
 from lbsgd.trainer.state import TrainState
@@ -36,12 +36,12 @@ def check_nonfinite(pending: list, state: TrainState, config) -> None:
 
     ``config.on_nonfinite='stop'``: raise ``NonFinite`` naming the first bad step. ``'skip'``: the step
     already kept the old state; log it, and raise once ``config.max_consecutive_nonfinite`` steps in a
-    row were skipped. ``pending`` holds ``(step, flag)`` pairs and is emptied.
+    row were skipped. ``pending`` holds ``(first step, flag or [flags] of the steps from it)`` and is emptied.
     """
     if not pending:
         return
     flags = jax.device_get([flag for _, flag in pending])
-    bad = [step for (step, _), flag in zip(pending, flags) if float(flag) > 0]
+    bad = [first + j for (first, _), flag in zip(pending, flags) for j, f in enumerate(np.atleast_1d(flag)) if f > 0]
     pending.clear()
     if not bad:
         return
@@ -52,32 +52,6 @@ def check_nonfinite(pending: list, state: TrainState, config) -> None:
     limit = config.max_consecutive_nonfinite
     if consecutive >= limit:
         raise NonFinite(bad[-1], f"{consecutive} consecutive steps skipped, config.max_consecutive_nonfinite={limit}")
-
-
-class StopOnSignal:
-    """First SIGTERM or SIGINT: finish the current step, checkpoint, stop (a second Ctrl-C stops at once).
-
-    Single-process runs only: with several processes the hosts must stop at the same step, which JAX's
-    preemption sync point (``CheckpointManager.reached_preemption``) arranges instead.
-    """
-
-    def __init__(self, enabled: bool):
-        self.signum = None
-        self._previous = {}
-        if enabled and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        log.warning("%s received: stopping after this step with a checkpoint", signal.Signals(signum).name)
-
-    def restore(self) -> None:
-        """Put the previous signal handlers back."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def blocking_needed() -> bool:
@@ -105,12 +79,29 @@ def record_epoch(run: Run, step: int, metrics: list[dict]) -> None:
     line per step)."""
     if not run.is_chief or not metrics:
         return
-    values = jax.device_get(metrics)
-    row = {"step": step, "epoch": step / run.steps_per_epoch, "steps_averaged": len(values)}
-    row.update({f"train_{key}": float(np.mean([float(m[key]) for m in values])) for key in values[0]})
-    row.update({f"last_{key}": float(values[-1][key]) for key in values[0] if key.startswith("noise_")})
+    means, count = _means(metrics)
+    row = {"step": step, "epoch": step / run.steps_per_epoch, "steps_averaged": count}
+    row.update({f"train_{key}": value for key, value in means.items()})
+    row.update({f"last_{key}": float(value) for key, value in _last(metrics[-1]).items() if key.startswith("noise_")})
     with open(os.path.join(run.workdir, "train_history.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def _means(metrics: list[dict]) -> tuple[dict[str, float], int]:
+    """Mean of each metric over the steps of ``metrics`` (one dict per dispatch, scalars or [s] arrays)."""
+    values = jax.device_get(metrics)
+    stacked = {key: np.concatenate([np.atleast_1d(m[key]) for m in values]) for key in values[0]}
+    return {key: float(np.mean(v.astype(np.float64))) for key, v in stacked.items()}, len(next(iter(stacked.values())))
+
+
+def _last(metrics: dict) -> dict:
+    """The last step's metrics of one dispatch's (scalars, or [s] arrays of s steps)."""
+    return {key: np.atleast_1d(value)[-1] for key, value in jax.device_get(metrics).items()}
+
+
+def _crossed(done: int, count: int, every: int) -> bool:
+    """Whether a multiple of ``every`` lies in the steps (done - count, done] (a dispatch of ``count``)."""
+    return every > 0 and done // every > (done - count) // every
 
 
 @dataclasses.dataclass
@@ -140,6 +131,17 @@ def _batches(run: Run, start_step: int):
     )
 
 
+def _dispatch_batch(lay, batches, count: int, stacked: bool):
+    """The next ``count`` steps' batches on the mesh: one step's (``stacked`` False, count 1) or ``count``
+    steps' stacked on a leading axis (several steps per dispatch)."""
+    if not stacked:
+        b = global_batch(lay, next(batches))
+        return b["image"], b["label"]
+    local = [next(batches) for _ in range(count)]
+    b = global_batch(lay, {key: np.stack([step[key] for step in local]) for key in local[0]}, stacked=True)
+    return b["image"], b["label"]
+
+
 def _progress(run: Run, start_step: int):
     """The chief's progress reporters: clu's steps/s line and, on a terminal, a progress bar."""
     if not run.is_chief:
@@ -154,23 +156,24 @@ def _progress(run: Run, start_step: int):
 
 def _log_train(run: Run, books: _Books, done: int, metrics, bar) -> None:
     """Write the mean training metrics since the last log line."""
-    means = {k: float(np.mean([float(m[k]) for m in jax.device_get(books.window)])) for k in books.window[0]}
-    books.last_metrics = jax.device_get(metrics)
+    means, _ = _means(books.window)
+    books.last_metrics = _last(metrics)
     run.writer.write_scalars(done, {f"train_{k}": v for k, v in means.items()})
     if bar is not None:
         bar.set_postfix(loss=f"{means['loss']:.4f}", acc=f"{means['accuracy']:.3f}")
     books.window = []
 
 
-def _after_step(run: Run, books: _Books, state, metrics, done: int, mngr, eval_fns, preempted: bool, bar) -> bool:
-    """Bookkeeping after step ``done``: flags, epoch record, log line, evaluation, checkpoint. Returns
-    whether a checkpoint of ``done`` was saved."""
+def _after_step(run: Run, books: _Books, state, metrics, done: int, count: int, mngr, eval_fns, preempted, bar) -> bool:
+    """Bookkeeping after the ``count`` steps that end at step ``done``: flags, epoch record, log line,
+    evaluation, checkpoint — each when its interval ends within those steps (so with several steps per
+    dispatch, at the end of the dispatch). Returns whether a checkpoint of ``done`` was saved."""
     config, spe, total = run.config, run.steps_per_epoch, run.total_steps
     eval_every = max(1, int(config.eval_every_epochs * spe)) if config.eval_every_epochs > 0 else 0
-    evaluate_now = (eval_every and done % eval_every == 0) or done == total
-    save_now = done % config.checkpoint_every_steps == 0 or done == total
-    epoch_end = done % spe == 0 or done == total
-    log_now = done % config.log_every_steps == 0 or done == total
+    evaluate_now = _crossed(done, count, eval_every) or done == total
+    save_now = _crossed(done, count, config.checkpoint_every_steps) or done == total
+    epoch_end = _crossed(done, count, spe) or done == total
+    log_now = _crossed(done, count, config.log_every_steps) or done == total
     if evaluate_now or save_now or preempted or epoch_end or log_now:
         check_nonfinite(books.pending, state, config)
     if epoch_end:
@@ -192,37 +195,43 @@ def train_loop(run: Run, state: TrainState, mngr, train_step, eval_step, consens
     hooks, bar = _progress(run, start_step)
     block, books = blocking_needed(), _Books()
     t_train, timed_steps, last_saved = None, 0, start_step
-    stop = StopOnSignal(enabled=lay.num_processes == 1)
+    installed = STOP.install() if lay.num_processes == 1 else False  # lbsgd.main installs it first thing
+    STOP.phase, STOP.signum = "training", None
     t_first = time.time()
+    s, done = run.config.steps_per_dispatch, start_step
     try:
-        for step in range(start_step, run.total_steps):
-            b = global_batch(lay, next(batches))
-            state, metrics = train_step(state, b["image"], b["label"])
+        while done < run.total_steps:
+            count = min(s, run.total_steps - done)
+            state, metrics = train_step(state, *_dispatch_batch(lay, batches, count, stacked=s > 1))
             if block:
                 jax.block_until_ready(state)
             books.window.append(metrics)
             books.epoch_window.append(metrics)
-            books.pending.append((step + 1, metrics["nonfinite"]))
-            if t_train is None:  # the first step includes compilation: time from its end
+            books.pending.append((done + 1, metrics["nonfinite"]))
+            if t_train is None:  # the first dispatch includes compilation: time from its end
                 jax.block_until_ready(metrics)
                 t_train = time.time()
             else:
-                timed_steps += 1
-            done = step + 1
-            for h in hooks:
-                h(done)
+                timed_steps += count
+            done += count
+            for h in hooks:  # clu's periodic actions want every step
+                for t in range(done - count + 1, done + 1):
+                    h(t)
             if bar is not None:
-                bar.update(1)
-            preempted = stop.signum is not None or (lay.num_processes > 1 and mngr.reached_preemption(done))
-            if _after_step(run, books, state, metrics, done, mngr, (eval_step, consensus_fn), preempted, bar):
+                bar.update(count)
+            preempted = STOP.signum is not None or (lay.num_processes > 1 and mngr.reached_preemption(done))
+            if _after_step(run, books, state, metrics, done, count, mngr, (eval_step, consensus_fn), preempted, bar):
                 last_saved = done
             if preempted and done < run.total_steps:
                 if last_saved != done:
                     checkpoint.save(mngr, done, state, force=True)
                 mngr.wait_until_finished()
-                raise Interrupted(stop.signum or signal.SIGTERM, done, run.checkpoint_dir)
+                raise Interrupted(STOP.signum or signal.SIGTERM, done, run.checkpoint_dir)
     finally:
-        stop.restore()
+        STOP.phase = "finishing"
+        if installed:  # not run by lbsgd.main (a test, a notebook): leave the caller's handlers as they were
+            STOP.uninstall()
+            STOP.phase = "setup"
         if bar is not None:
             bar.close()
         run.writer.flush()

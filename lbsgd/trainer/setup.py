@@ -17,6 +17,7 @@ from jax.experimental import multihost_utils
 from lbsgd import checkpoint, strategies
 from lbsgd.config import validate
 from lbsgd.data import order, pipeline
+from lbsgd.errors import CheckpointError
 from lbsgd.models import factory as model_factory
 from lbsgd.parallel import layout as layout_lib
 from lbsgd.trainer.build import Program, build
@@ -147,4 +148,13 @@ def restore_or_init(run: Run, mngr) -> TrainState:
         if restored is not None:
             state = restored
             log.info("resumed from checkpoint at step %d", int(state.step))
+    step = int(state.step)
+    if step > run.total_steps:
+        config = run.config
+        raise CheckpointError(
+            f"--workdir={run.workdir} holds a run at step {step}, past the {run.total_steps} steps this config trains "
+            f"(num_epochs={config.num_epochs}, max_steps={config.max_steps}, {run.steps_per_epoch} steps an epoch); "
+            f"raise --config.num_epochs to at least {-(-step // run.steps_per_epoch)} (or --config.max_steps), "
+            f"or use a new --workdir"
+        )
     return state

@@ -89,30 +89,13 @@ def load_flax_example(flax_dir: str):
     return train, models
 
 
-def measure_flax_step(
-    flax_train,
-    flax_models,
-    *,
-    model: str,
-    width: int,
-    dtype: str,
-    num_classes: int,
-    devices: Sequence,
-    images,
-    labels,
-    repeats: int,
-    warmup: int = 1,
-    count_flops: bool = False,
-    in_flight: int = 1,
-) -> dict:
-    """Time the Flax ImageNet example's own ``train_step``, pmapped over ``devices`` as its
-    ``train_and_evaluate`` does it (``in_axes=(None, 0)``, axis 'batch'), on the global batch
-    ``images``/``labels`` split evenly over the devices. The model is ``models.<FLAX_MODELS[model]>`` at
-    ``dtype`` with ``num_filters=width``; its optimizer is the example's (SGD, Nesterov momentum, L2 in the
-    loss); no loss scaling (``half_precision`` off: ``dtype`` is set directly). Timed like
-    ``harness.measure_step`` (``in_flight`` steps a window); returns ``{'times', 'compile_s', 'step_flops',
-    'loss'}``.
-    """
+def flax_program(flax_train, flax_models, *, model: str, width: int, dtype: str, num_classes: int, devices, images, labels):
+    """The Flax ImageNet example's own ``train_step``, pmapped over ``devices`` as its ``train_and_evaluate``
+    does it (``in_axes=(None, 0)``, axis 'batch'), with its initial state and the global batch
+    ``images``/``labels`` split evenly over the devices: ``(p_train_step, state, batch)``. The model is
+    ``models.<FLAX_MODELS[model]>`` at ``dtype`` with ``num_filters=width``; its optimizer is the example's
+    (SGD, Nesterov momentum, L2 in the loss); no loss scaling (``half_precision`` off: ``dtype`` is set
+    directly)."""
     import jax  # not at module level: bench step imports this module before JAX may start
     import jax.numpy as jnp
 
@@ -139,6 +122,35 @@ def measure_flax_step(
         "image": to_devices(images.reshape(d, global_batch // d, *images.shape[1:])),
         "label": to_devices(labels.reshape(d, global_batch // d)),
     }
+    return p_train_step, state, batch
+
+
+def measure_flax_step(
+    flax_train,
+    flax_models,
+    *,
+    model: str,
+    width: int,
+    dtype: str,
+    num_classes: int,
+    devices: Sequence,
+    images,
+    labels,
+    repeats: int,
+    warmup: int = 1,
+    count_flops: bool = False,
+    in_flight: int = 1,
+) -> dict:
+    """Time the Flax ImageNet example's own ``train_step`` (``flax_program``) on ``images``/``labels`` over
+    ``devices``. Timed like ``harness.measure_step`` (``in_flight`` steps a window); returns ``{'times',
+    'compile_s', 'step_flops', 'loss'}``.
+    """
+    import jax  # not at module level: bench step imports this module before JAX may start
+
+    p_train_step, state, batch = flax_program(
+        flax_train, flax_models, model=model, width=width, dtype=dtype, num_classes=num_classes, devices=devices,
+        images=images, labels=labels,
+    )  # fmt: skip
     compiled, compile_s = common.compile_timed(p_train_step, state, batch)
     flops = jaxpr_flops(jax.make_jaxpr(p_train_step)(state, batch).jaxpr) if count_flops else 0.0
     carry = {"state": state}
