@@ -36,6 +36,8 @@ import os
 import shutil
 from typing import Any, Callable
 
+import jax
+
 from lbsgd import strategies
 from lbsgd.checkpoint_paths import (  # noqa: F401 - check_dir, path_problem and the reserve are this module's API too
     CHECKPOINT_PATH_RESERVE,
@@ -194,7 +196,18 @@ def save_failed(workdir: str, step: int | None, error: BaseException) -> Checkpo
     earlier = [s for s in steps(workdir) if step is None or s < step]
     last = f"the last good checkpoint is step {earlier[-1]}" if earlier else "there is no earlier checkpoint"
     what = f"checkpoint step {step}" if step is not None else "a checkpoint"
+    if number is None and _lost_peer(error):  # a multi-process save's collective failed: a peer is gone
+        return CheckpointError(
+            f"process {jax.process_index()} lost a peer process while saving {what} ({reason}); {last}; "
+            f"rerun the same command on every host to resume"
+        )
     return CheckpointError(f"cannot write {what} to {directory}: {reason}; {advice}; {last}")
+
+
+def _lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` is a failed collective of a multi-process run (a peer died or disconnected)."""
+    text = str(error)
+    return any(s in text for s in ("Gloo", "Connection reset", "Connection refused", "heartbeat", "DEADLINE_EXCEEDED"))
 
 
 def save(mngr, step: int, state, force: bool = False) -> None:

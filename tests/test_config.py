@@ -60,7 +60,7 @@ def test_imagenet_configs_override_only_what_differs_from_the_base():
     [
         ("num_workers", 0, "config.num_workers=0 must be a positive number"),
         ("momentum", 1.0, "config.momentum=1.0 must be a number in [0.0, 1.0)"),
-        ("model_stem", "tiny", "config.model_stem='tiny' is unknown; use one of: '', imagenet, small"),
+        ("model_stem", "tiny", "config.model_stem='tiny' is unknown; use one of: '', imagenet, space_to_depth, small"),
         ("nesterov", "yes", "config.nesterov='yes' must be True or False"),
         ("decay_epochs", (30, "x"), "config.decay_epochs=(30, 'x') must be a tuple of epochs"),
         ("dtype", "float16", "needs loss scaling"),
