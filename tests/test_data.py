@@ -1,6 +1,8 @@
 """Remark 4 data order, the digits dataset and the tf.data pipeline."""
 
+import errno
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -152,3 +154,48 @@ def test_a_run_gets_exactly_the_steps_it_asks_for(ds):
     assert len(finite) == 13
     for x, y in zip(endless, finite):
         np.testing.assert_array_equal(x["label"], y["label"])
+
+
+def test_an_unwritable_home_is_one_line_naming_the_directory(tmp_path, monkeypatch):
+    """No --config.data_dir and no $TFDS_DATA_DIR: the digits are prepared in ~/tensorflow_datasets, which
+    cannot be made under a read-only HOME (as root, permission bits do not stop writes: HOME under a file)."""
+    root = os.geteuid() == 0
+    home = tmp_path / "home"
+    if root:
+        (tmp_path / "file").write_text("")
+        home = tmp_path / "file" / "home"
+    else:
+        home.mkdir(mode=0o500)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
+    with pytest.raises(pipeline.DataError) as e:
+        pipeline.load("digits", "")
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"cannot prepare the digits dataset in {str(home / 'tensorflow_datasets')!r} (")
+    assert (os.strerror(errno.ENOTDIR) if root else os.strerror(errno.EACCES)) in msg
+    assert msg.endswith("; pass --config.data_dir=<a writable directory> or set TFDS_DATA_DIR")
+
+
+@pytest.mark.parametrize("kind", ["array_record", "tf", "os"])
+def test_a_full_disk_while_preparing_the_digits_is_one_line(tmp_path, monkeypatch, kind):
+    """ENOSPC as each layer reports it when the examples are written: array_record's writer (a RuntimeError, its
+    text as on a full 64 KiB tmpfs), TF's file system (an OpError) and Python's (an OSError)."""
+    import tensorflow as tf
+    from tensorflow_datasets.core import file_adapters
+
+    def full(cls, path, iterator):
+        reason = os.strerror(errno.ENOSPC)
+        raise {
+            "array_record": RuntimeError(f"write() failed: {reason}; writing {path}; at byte 65536; Failed to close"),
+            "tf": tf.errors.ResourceExhaustedError(None, None, f"{path}; {reason}"),
+            "os": OSError(errno.ENOSPC, reason, str(path)),
+        }[kind]
+
+    monkeypatch.setattr(file_adapters.ArrayRecordFileAdapter, "write_examples", classmethod(full))
+    with pytest.raises(pipeline.DataError) as e:
+        pipeline.load("digits", str(tmp_path))
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"cannot prepare the digits dataset in {str(tmp_path)!r} (No space left on device")
+    assert msg.endswith("); free space there, or pass --config.data_dir=<a writable directory> or set TFDS_DATA_DIR")

@@ -93,6 +93,86 @@ def test_folder_bad_layouts_fail_with_one_line(tmp_path, case):
     assert ("train sub-folder" in msg) if case == "extra_eval_class" else ("train/<class>" in msg)
 
 
+def _two_class_folder(root, size=8, per_class=1):
+    """train/{a,b}/ and val/{a,b}/ with ``per_class`` grey size x size JPEGs each (0.jpg, 1.jpg, ...)."""
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                (root / split / c / f"{i}.jpg").write_bytes(_jpeg(np.full((size, size, 3), 40 * i)))
+    return root
+
+
+def test_symlinks_count_each_real_file_once_and_loops_are_not_followed(tmp_path):
+    root = _two_class_folder(tmp_path / "data")
+    a = root / "train" / "a"
+    (a / "sub").mkdir()
+    (a / "sub" / "y.jpg").write_bytes(_jpeg(np.ones((8, 8, 3))))
+    (a / "loop").symlink_to(".")  # a directory loop: a/loop/loop/... is a again
+    (a / "zz.jpg").symlink_to("0.jpg")  # a second name of a file already listed
+    (root / "train" / "b" / "elsewhere").symlink_to(a / "sub")  # a's y.jpg, counted (as a) once
+    ds = folder.load(str(root))
+    paths = [ds.train.describe(i) for i in range(ds.train.num_examples)]
+    real = {os.path.realpath(p) for p in paths}
+    assert ds.train.num_examples == len(real) == 3 and ds.eval.num_examples == 2
+    assert paths == [str(a / "0.jpg"), str(a / "sub" / "y.jpg"), str(root / "train" / "b" / "0.jpg")]
+    assert [int(ds.train.read(tf.constant(i, tf.int64))[1]) for i in range(3)] == [0, 0, 1]
+
+
+def test_non_utf8_file_names_are_read(tmp_path):
+    """A file name that is not UTF-8 is opened by its bytes; messages show the bytes as \\xNN escapes."""
+    root = _two_class_folder(tmp_path / "data")
+    data = _jpeg(np.full((8, 8, 3), 99))
+    with open(os.path.join(os.fsencode(root / "train" / "b"), b"caf\xe9.jpg"), "wb") as f:
+        f.write(data)
+    ds = folder.load(str(root))
+    assert ds.train.num_examples == 3
+    assert ds.train.describe(2) == str(root / "train" / "b") + "/caf\\xe9.jpg"
+    image, label = ds.train.read(tf.constant(2, tf.int64))
+    assert image.numpy() == data and int(label) == 1
+
+
+@pytest.mark.parametrize("case", ["one_class", "one_class_with_images"])
+def test_a_single_class_is_refused_in_one_line(tmp_path, case):
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        (root / split / "a").mkdir(parents=True)
+        (root / split / "a" / "x.jpg").write_bytes(_jpeg(np.zeros((8, 8, 3))))
+    if case == "one_class_with_images":
+        (root / "train" / "b").mkdir()
+    with pytest.raises(pipeline.DataError) as e:
+        pipeline.load(f"folder:{root}")
+    msg = str(e.value)
+    assert "\n" not in msg and "needs at least two classes" in msg
+    assert f"{str(root / 'train')!r}" in msg and f"{root / 'train'}/<class>/" in msg
+    assert ("one class, 'a' in" in msg) if case == "one_class" else ("one class only, 'a' ('b' has none)" in msg)
+
+
+@pytest.mark.parametrize("iterator", ["train", "eval"])
+def test_images_of_another_size_than_shift_needs_name_the_sizes_and_the_fix(tmp_path, iterator):
+    """'shift' (and evaluation after it) reads images as they are: 8x8 images cannot be 16x16 ones."""
+    root = _two_class_folder(tmp_path / "data", per_class=2)
+    ds = pipeline.load(f"folder:{root}")
+    if iterator == "train":
+        it = pipeline.train_iterator(
+            ds, num_workers=2, per_worker_batch_size=2, seed=0, first_worker=0, num_local_workers=2,
+            start_step=0, augment="shift", image_size=16,
+        )  # fmt: skip
+    else:
+        it = pipeline.eval_iterator(
+            ds, global_batch_size=4, first_slot=0, num_local_slots=4, augment="shift", image_size=16
+        )
+    with pytest.raises(pipeline.DataError) as e:
+        next(it)
+    msg = str(e.value)
+    assert "\n" not in msg and "{{" not in msg and "node" not in msg
+    assert msg.startswith(f"{root}/{iterator if iterator == 'train' else 'val'}/")
+    assert msg.split(" of folder:", 1)[0].endswith(".jpg")
+    assert "is 8x8 pixels" in msg and "--config.augment='shift'" in msg
+    assert "--config.image_size=16 needs exactly 16x16" in msg and "--config.image_size=8" in msg
+    assert "--config.augment=inception" in msg
+
+
 # --------------------------------------------------------------------------- the pipeline on folders
 
 

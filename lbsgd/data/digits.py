@@ -3,7 +3,7 @@
 The images ship inside scikit-learn, so nothing is downloaded. The builder writes them once into the
 TFDS data directory (array_record files, like any prepared TFDS dataset), after which the digits go
 through exactly the same tfds + tf.data code path as ImageNet. ``config.dataset='digits'`` opens them
-(:func:`load`).
+(:func:`load`). A data directory that cannot be written (read-only, full) is a one-line ``DataError``.
 
 Split: a fixed stratified split (seed 0) into 1,437 training and 360 test images.
 Pixels: scikit-learn's 0..16 intensities mapped to 0..255 (round(v * 255 / 16)), one channel.
@@ -11,10 +11,15 @@ Pixels: scikit-learn's 0..16 intensities mapped to 0..255 (round(v * 255 / 16)),
 
 from __future__ import annotations
 
+import errno
+import os
+
 import numpy as np
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from lbsgd.data import sources
+from lbsgd.data.sources import DataError
 
 NUM_TEST = 360
 SPLIT_SEED = 0
@@ -64,11 +69,43 @@ class LbsgdDigits(tfds.core.GeneratorBasedBuilder):
             yield int(i), {"image": images[i], "label": int(digits.target[i])}
 
 
+def default_data_dir() -> str:
+    """TFDS's default data directory, read now (TFDS reads it once, on import): $TFDS_DATA_DIR, else
+    ~/tensorflow_datasets."""
+    return os.environ.get("TFDS_DATA_DIR") or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+
+
+# What a failed write says, most specific first: an OSError's strerror, or found in a TF or array_record message.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EIO)
+
+
+def _unwritable(data_dir: str, error: Exception) -> str:
+    """One line: ``data_dir`` cannot take the prepared digits, the OS's reason, and the fix."""
+    if isinstance(error, OSError) and error.strerror:
+        code, reason = error.errno, error.strerror + (f": {error.filename!r}" if error.filename else "")
+    else:
+        text = sources.first_line(error)
+        code = next((c for c in _WRITE_ERRNOS if os.strerror(c) in text), None)
+        reason = os.strerror(code) if code else text
+    fix = "free space there, or " if code in (errno.ENOSPC, errno.EDQUOT) else ""
+    return (
+        f"cannot prepare the digits dataset in {data_dir!r} ({reason}); {fix}"
+        f"pass --config.data_dir=<a writable directory> or set TFDS_DATA_DIR"
+    )
+
+
 def builder(data_dir: str | None) -> LbsgdDigits:
-    """The digits builder, prepared into ``data_dir`` on first use (a second or so)."""
-    b = LbsgdDigits(data_dir=data_dir or None, file_format="array_record")
-    if not b.is_prepared():
-        b.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
+    """The digits builder, prepared into ``data_dir`` (else :func:`default_data_dir`) on first use (a second or so).
+
+    Raises ``DataError`` (one line: the directory, the OS's reason, the fix) when it cannot be written there.
+    """
+    data_dir = data_dir or default_data_dir()
+    try:
+        b = LbsgdDigits(data_dir=data_dir, file_format="array_record")
+        if not b.is_prepared():
+            b.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
+    except (OSError, RuntimeError, tf.errors.OpError) as e:  # array_record's writer raises RuntimeError
+        raise DataError(_unwritable(data_dir, e)) from e
     return b
 
 

@@ -42,20 +42,26 @@ __all__ = [
 ]
 
 
-def _undecodable(split: Split, indices, dataset_name: str, error: Exception) -> str:
-    """One line naming the example of ``indices`` that cannot be decoded (or the error, if none is found)."""
+def _failed_example(split: Split, indices, dataset_name: str, error: Exception, augment: str, image_size: int) -> str:
+    """One line naming the example of ``indices`` that cannot be read: one that cannot be decoded, or one whose
+    size ``augment`` at ``image_size`` cannot take (``preprocess.size_mismatch``); the error if none is found."""
     decode = lambda j: tf.io.decode_image(split.read(j)[0], expand_animations=False)
+    what = lambda i: split.describe(int(i)) if split.describe else f"example {int(i)}"
     for i in indices:
         try:  # through tf.data, as training reads it (eager TF would print its start-up notices)
-            for _ in tf.data.Dataset.from_tensors(tf.constant(int(i), tf.int64)).map(decode).as_numpy_iterator():
-                pass
+            for image in tf.data.Dataset.from_tensors(tf.constant(int(i), tf.int64)).map(decode).as_numpy_iterator():
+                height, width = image.shape[:2]
         except tf.errors.OpError:
-            what = split.describe(int(i)) if split.describe else f"example {int(i)}"
-            return f"{what} of {dataset_name} cannot be decoded as an image; replace or remove it"
+            return f"{what(i)} of {dataset_name} cannot be decoded as an image; replace or remove it"
+        mismatch = preprocess.size_mismatch(augment, image_size, int(height), int(width))
+        if mismatch:
+            return f"{what(i)} of {dataset_name} {mismatch}"
     return f"reading {dataset_name} failed: {first_line(error)}; check that its files are intact images"
 
 
-def _checked(iterator, split: Split, dataset_name: str, indices_of: Callable[[int], np.ndarray]):
+def _checked(
+    iterator, split: Split, dataset_name: str, indices_of: Callable[[int], np.ndarray], augment: str, image_size: int
+):
     """Yield ``iterator``'s batches; a tf.data failure becomes a one-line ``DataError`` naming the file.
 
     ``indices_of(j)`` gives the split indices of the j-th batch (the one that failed)."""
@@ -66,7 +72,7 @@ def _checked(iterator, split: Split, dataset_name: str, indices_of: Callable[[in
         except StopIteration:
             return
         except tf.errors.OpError as e:
-            raise DataError(_undecodable(split, indices_of(j), dataset_name, e)) from None
+            raise DataError(_failed_example(split, indices_of(j), dataset_name, e, augment, image_size)) from None
         yield batch
         j += 1
 
@@ -143,7 +149,7 @@ def train_iterator(
         epoch, s = divmod(start_step + j, spe)
         return epoch_indices(epoch)[s * m * n : (s + 1) * m * n]
 
-    return _checked(ds.as_numpy_iterator(), split, dataset.name, indices_of)
+    return _checked(ds.as_numpy_iterator(), split, dataset.name, indices_of, augment, image_size)
 
 
 def eval_iterator(
@@ -170,4 +176,4 @@ def eval_iterator(
     ds = ds.batch(num_local_slots, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     ds = ds.with_options(_options(autotune=not split.in_memory))
     indices_of = lambda j: idx[j * num_local_slots : (j + 1) * num_local_slots]
-    return _checked(ds.as_numpy_iterator(), split, dataset.name, indices_of)
+    return _checked(ds.as_numpy_iterator(), split, dataset.name, indices_of, augment, image_size)

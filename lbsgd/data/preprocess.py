@@ -120,6 +120,22 @@ def center_crop(encoded: tf.Tensor, image_size: int, channels: int) -> tf.Tensor
     return tf.image.crop_to_bounding_box(image, top, left, image_size, image_size)
 
 
+def size_mismatch(augment: str, image_size: int, height: int, width: int) -> str | None:
+    """Why a decoded ``height`` x ``width`` image cannot be read with ``augment`` at ``image_size`` (None if it can).
+
+    'none' and 'shift' (and evaluation after them) read an image as it is, so it must be exactly
+    image_size x image_size; 'inception' crops and resizes any size (evaluation: the center crop).
+    """
+    if augment == "inception" or (height, width) == (image_size, image_size):
+        return None
+    fits = f"set --config.image_size={height} if every image is {height}x{width}, " if height == width else ""
+    return (
+        f"is {height}x{width} pixels but --config.augment={augment!r} reads images as they are, so "
+        f"--config.image_size={image_size} needs exactly {image_size}x{image_size}; {fits}resize the images to "
+        f"{image_size}x{image_size}, or use --config.augment=inception (random crops resized to image_size)"
+    )
+
+
 def train_fn(augment: str, image_size: int, channels: int, mean, std) -> Callable:
     """``fn(encoded, seed[2]) -> float32 [image_size, image_size, channels]`` for training (normalised)."""
     if augment not in AUGMENTATIONS:

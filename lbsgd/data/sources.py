@@ -14,6 +14,7 @@ TFDS datasets are read through ``tfds`` data sources, which need the array_recor
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -76,10 +77,15 @@ class Dataset:
     std: tuple[float, ...]
 
 
+# What TensorFlow adds to an op's error for its own debugging: {{function_node ...}}, [[{{node ...}}]], [Op:...].
+_TF_NODE_NAMES = re.compile(r"\{\{function_node [^}]*\}\}|\[\[\{\{node [^}]*\}\}\]\]|\[Op:[^\]]*\]( name: \S*)?")
+
+
 def first_line(error: Exception) -> str:
-    """The first line of ``error``'s message, whitespace collapsed (its type's name if it has none)."""
-    text = getattr(error, "message", None) or str(error)
-    return " ".join(text.strip().splitlines()[0].split()) if text.strip() else type(error).__name__
+    """The first line of ``error``'s message without TensorFlow's node names, whitespace collapsed (its
+    type's name if it has none)."""
+    text = _TF_NODE_NAMES.sub(" ", getattr(error, "message", None) or str(error)).strip()
+    return " ".join(text.splitlines()[0].split()) if text else type(error).__name__
 
 
 def in_memory_split(encoded_images, labels) -> Split:
