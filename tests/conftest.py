@@ -152,3 +152,24 @@ def pytest_collection_modifyitems(items):
     """Order the modules slowest first (``SLOW_FIRST``), the rest after them as collected."""
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(SLOW_FIRST)))
+
+
+def file_stamps(workdir):
+    """Modification times of every file under ``workdir`` (a ``pathlib.Path``)."""
+    return {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    """lbsgd.main must not start (sweep/compare tests): every launch is recorded, and fails."""
+    from lbsgd import runs
+
+    calls = []
+
+    def launch(argv, log_path, env):
+        calls.append(argv)
+        return 1, "lbsgd: error: this test starts no run"
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(runs, "launch_main", launch)
+    return calls

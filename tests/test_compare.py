@@ -15,7 +15,7 @@ import types
 import numpy as np
 import pytest
 
-from conftest import REPO, forked_launch, main_here, run_module
+from conftest import REPO, file_stamps, forked_launch, main_here, run_module
 from lbsgd import checkpoint, commcost, compare, runs, strategies
 
 
@@ -226,31 +226,15 @@ def _copy(compared, tmp_path):
     return shutil.copytree(compared.workdir, tmp_path / "compare")
 
 
-def _stamps(workdir):
-    return {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
-
-
-@pytest.fixture
-def no_launch(monkeypatch):
-    """lbsgd.main must not start: every launch is recorded, and fails."""
-    calls = []
-
-    def launch(argv, log_path, env):
-        calls.append(argv)
-        return 1, "lbsgd: error: this test starts no run"
-
-    monkeypatch.chdir(REPO)
-    monkeypatch.setattr(runs, "launch_main", launch)
-    return calls
 
 
 def test_rerun_with_the_same_flags_reuses_every_run(compared, tmp_path, data_dir, capsys, no_launch):
     workdir = _copy(compared, tmp_path)
-    kept = {p: t for p, t in _stamps(workdir).items() if p.suffix not in (".csv", ".md", ".png")}
+    kept = {p: t for p, t in file_stamps(workdir).items() if p.suffix not in (".csv", ".md", ".png")}
     again = main_here(compare, _args(workdir, data_dir), capsys)
     assert again.returncode == 0 and not no_launch and not again.stderr, again.stderr
     assert again.stdout.count("already done") == 4
-    assert {p: t for p, t in _stamps(workdir).items() if p.suffix not in (".csv", ".md", ".png")} == kept
+    assert {p: t for p, t in file_stamps(workdir).items() if p.suffix not in (".csv", ".md", ".png")} == kept
     strip = lambda rows: [{k: v for k, v in r.items() if k != "run"} for r in rows]  # noqa: E731
     assert strip(_csv(workdir / "compare.csv")) == strip(_csv(compared.workdir / "compare.csv"))
 
@@ -262,14 +246,14 @@ def test_rerun_with_the_same_flags_reuses_every_run(compared, tmp_path, data_dir
 def test_rerun_with_other_flags_is_refused_before_anything_starts(compared, tmp_path, data_dir, capsys, no_launch,
                                                                   num_epochs, changed, fields):
     workdir = _copy(compared, tmp_path)
-    stamps = _stamps(workdir)
+    stamps = file_stamps(workdir)
     proc = main_here(compare, _args(workdir, data_dir, num_epochs, **changed), capsys)
     lines = proc.stderr.splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0] == (f"lbsgd.compare: error: {workdir}/allreduce_k8_seed0 holds a run of another config: {fields} "
                         f"(recorded -> asked); use a new --workdir, or delete that folder to run it again; 3 more run "
                         f"folder(s) here hold other runs too")
-    assert not no_launch and not proc.stdout and _stamps(workdir) == stamps  # nothing started or written
+    assert not no_launch and not proc.stdout and file_stamps(workdir) == stamps  # nothing started or written
 
 
 @pytest.mark.parametrize(

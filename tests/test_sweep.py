@@ -14,7 +14,7 @@ import types
 import numpy as np
 import pytest
 
-from conftest import REPO, forked_launch, main_here, run_module
+from conftest import REPO, file_stamps, forked_launch, main_here, run_module
 from lbsgd import checkpoint, runs, sweep
 
 
@@ -263,32 +263,15 @@ def _copy(swept, tmp_path):
     return shutil.copytree(swept.workdir, tmp_path / "sweep")
 
 
-def _stamps(workdir):
-    """Modification times of every file under ``workdir``."""
-    return {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
-
-
-@pytest.fixture
-def no_launch(monkeypatch):
-    """lbsgd.main must not start: every launch is recorded, and fails."""
-    calls = []
-
-    def launch(argv, log_path, env):
-        calls.append(argv)
-        return 1, "lbsgd: error: this test starts no run"
-
-    monkeypatch.chdir(REPO)
-    monkeypatch.setattr(runs, "launch_main", launch)
-    return calls
 
 
 def test_rerun_with_the_same_overrides_reuses_every_run(swept, tmp_path, data_dir, capsys, no_launch):
     workdir = _copy(swept, tmp_path)
-    stamps = _stamps(workdir)
+    stamps = file_stamps(workdir)
     again = main_here(sweep, _args(workdir, data_dir), capsys)
     assert again.returncode == 0 and not no_launch, again.stderr
     assert again.stdout.count("already done") == 6 and not again.stderr
-    assert {p: t for p, t in _stamps(workdir).items() if p.suffix not in (".csv", ".md", ".png")} == {
+    assert {p: t for p, t in file_stamps(workdir).items() if p.suffix not in (".csv", ".md", ".png")} == {
         p: t for p, t in stamps.items() if p.suffix not in (".csv", ".md", ".png")}
     strip = lambda rows: [{k: v for k, v in r.items() if k != "run"} for r in rows]  # noqa: E731
     assert strip(_csv(workdir / "sweep.csv")) == strip(_csv(swept.workdir / "sweep.csv"))
@@ -333,13 +316,13 @@ def test_a_run_folder_of_another_config_is_refused_before_anything_starts(swept,
     workdir = _copy(swept, tmp_path)
     if prepare:
         prepare(workdir)
-    stamps = _stamps(workdir)
+    stamps = file_stamps(workdir)
     proc = main_here(sweep, _args(workdir, data_dir, grids, **changed), capsys)
     lines = proc.stderr.splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("lbsgd.sweep: error: "), proc.stderr
     assert f"{workdir}/{message}" in lines[0], lines[0]
     assert not no_launch and not proc.stdout  # nothing started, no progress line
-    assert _stamps(workdir) == stamps and not (workdir / "num_workers-1").exists()  # nothing written
+    assert file_stamps(workdir) == stamps and not (workdir / "num_workers-1").exists()  # nothing written
 
 
 def test_an_unknown_override_is_one_line_before_anything_starts(tmp_path, data_dir, capsys, no_launch):
