@@ -37,7 +37,7 @@ import time
 from typing import Sequence
 
 from lbsgd import cli, costmodel, runs, strategies
-from lbsgd.errors import LbsgdError, StaleRun
+from lbsgd.errors import StaleRun
 from lbsgd.strategies import registry
 
 RESNET50_PARAMS = 25_557_032  # lbsgd.models.resnet.resnet50, counted in tests/test_models.py
@@ -253,14 +253,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.num_epochs:
         extra.append(f"--config.num_epochs={args.num_epochs}")
     plan = [(k, seed, e) for seed in args.seed_list for k in args.worker_list for e in args.entries]  # seed-major
-    try:  # every run's full config, checked against its folder before any run starts
-        asked = {(k, s, e): runs.resolve_config(args.config, run_args(e, k, s, extra)) for k, s, e in plan}
-        runs.check_planned([(run_dir(args.workdir, e, k, s), asked[k, s, e]) for k, s, e in plan])
-    except LbsgdError as e:
-        print(f"lbsgd.compare: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        return runs.stopped("lbsgd.compare", 0, len(plan))
+    planned = {(k, s, e): (run_dir(args.workdir, e, k, s), run_args(e, k, s, extra)) for k, s, e in plan}
+    asked, status = runs.plan_runs("lbsgd.compare", args.config, planned)
+    if asked is None:
+        return status
     os.makedirs(args.workdir, exist_ok=True)
     env = runs.child_env(args.cpu_devices)
     progress = runs.Progress(len(plan), sum(not runs.is_done(run_dir(args.workdir, e, k, s)) for k, s, e in plan))

@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from lbsgd.errors import EXIT_FAILED, EXIT_STOPPED, ConfigError, RunFailed, RunStopped, StaleRun
+from lbsgd.errors import EXIT_FAILED, EXIT_STOPPED, ConfigError, LbsgdError, RunFailed, RunStopped, StaleRun
 
 
 STOPPED = EXIT_STOPPED  # lbsgd.main's exit status after SIGINT / SIGTERM
@@ -232,6 +232,21 @@ def write_csv(path: str, rows: list[dict]) -> None:
         w.writeheader()
         w.writerows(rows)
     os.replace(path + ".tmp", path)
+
+
+def plan_runs(prog: str, config_path: str, planned: dict) -> tuple[dict | None, int | None]:
+    """Every planned run's full config (``resolve_config``), checked against its folder (``check_planned``)
+    before any run starts. ``planned`` maps a key to ``(workdir, overrides)``; returns ``({key: config},
+    None)``, or ``(None, exit status)`` after one line on stderr (a bad override, a stale folder, Ctrl-C)."""
+    try:
+        asked = {key: resolve_config(config_path, argv) for key, (_, argv) in planned.items()}
+        check_planned([(workdir, asked[key]) for key, (workdir, _) in planned.items()])
+    except LbsgdError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return None, e.exit_code
+    except KeyboardInterrupt:
+        return None, stopped(prog, 0, len(planned))
+    return asked, None
 
 
 def stopped(prog: str, done: int, total: int) -> int:

@@ -42,7 +42,7 @@ import time
 from typing import Sequence
 
 from lbsgd import cli, runs
-from lbsgd.errors import GridError, LbsgdError, StaleRun
+from lbsgd.errors import GridError, StaleRun
 
 BATCH_FIELDS = ("num_workers", "per_worker_batch_size")
 
@@ -327,14 +327,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra = [f"--config.{o}" for o in args.override]
     todo = [(seed, cell) for seed in args.seed_list for cell in args.cells]  # seed-major: every cell early
     overrides = {(seed, cell): [*extra, *cell.args(), f"--config.seed={seed}"] for seed, cell in todo}
-    try:  # every run's full config, checked against its folder before any run starts
-        asked = {key: runs.resolve_config(args.config, argv) for key, argv in overrides.items()}
-        runs.check_planned([(run_dir(args.workdir, c, s), asked[s, c]) for s, c in todo])
-    except LbsgdError as e:
-        print(f"lbsgd.sweep: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        return runs.stopped("lbsgd.sweep", 0, len(todo))
+    planned = {(s, c): (run_dir(args.workdir, c, s), overrides[s, c]) for s, c in todo}
+    asked, status = runs.plan_runs("lbsgd.sweep", args.config, planned)
+    if asked is None:
+        return status
     os.makedirs(args.workdir, exist_ok=True)
     env = runs.child_env(args.cpu_devices, compilation_cache=os.path.join(args.workdir, ".jax_cache"))
     progress = runs.Progress(len(todo), sum(not runs.is_done(run_dir(args.workdir, c, s)) for s, c in todo))
