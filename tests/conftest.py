@@ -13,6 +13,8 @@ process 0 uses it (JAX writes from process 0 only, and other processes' cache ke
 """
 
 import atexit
+import csv
+import json
 import os
 import shutil
 import tempfile
@@ -173,3 +175,26 @@ def no_launch(monkeypatch):
     monkeypatch.chdir(REPO)
     monkeypatch.setattr(runs, "launch_main", launch)
     return calls
+
+
+# The digits config and the flags of a tiny, fast lbsgd.main run (ResNet-4 of width 8, n = 4).
+DIGITS = "--config=experiments/digits.py"
+TINY = [
+    "--config.model=resnet4",
+    "--config.model_width=8",
+    "--config.per_worker_batch_size=4",
+    "--config.log_every_steps=4",
+    "--config.eval_every_epochs=0",
+]
+
+
+def read_json(path):
+    """The JSON value in ``path``."""
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_csv(path):
+    """The rows of the CSV file ``path`` as dicts."""
+    with open(path) as f:
+        return list(csv.DictReader(f))

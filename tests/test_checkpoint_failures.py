@@ -14,22 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import fork_runner, tiny_config
+from conftest import DIGITS, fork_runner, tiny_config
+from conftest import TINY as TINY_FLAGS
 
 from lbsgd import checkpoint
 from lbsgd.config import validate
 from lbsgd.errors import CheckpointError, ConfigError
 
-DIGITS = "--config=experiments/digits.py"
-TINY = [
-    "--config.model=resnet4",
-    "--config.model_width=8",
-    "--config.per_worker_batch_size=4",
-    "--config.log_every_steps=4",
-    "--config.eval_every_epochs=0",
-    "--config.num_epochs=1",
-    "--config.checkpoint_every_steps=8",
-]
+TINY = [*TINY_FLAGS, "--config.num_epochs=1", "--config.checkpoint_every_steps=8"]
 
 
 def _state(step):

@@ -3,7 +3,6 @@ compare writes; one comparison's runs, rows and table against the runs' own reco
 run, other flags are refused before anything starts; bad flags."""
 
 import contextlib
-import csv
 import io
 import json
 import math
@@ -15,7 +14,7 @@ import types
 import numpy as np
 import pytest
 
-from conftest import REPO, file_stamps, forked_launch, main_here, run_module
+from conftest import REPO, file_stamps, forked_launch, main_here, read_csv, read_json, run_module
 from lbsgd import checkpoint, commcost, compare, runs, strategies
 
 
@@ -59,16 +58,6 @@ def _args(workdir, data_dir, num_epochs=1, **changed):
     return ["--config=experiments/digits.py", f"--workdir={workdir}", "--workers=8",
             f"--seeds={','.join(map(str, SEEDS))}", f"--strategies={','.join(label for label, _, _ in ENTRIES)}",
             f"--num_epochs={num_epochs}", *[a for f, v in overrides.items() for a in ("--override", f"{f}={v}")]]
-
-
-def _read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def _csv(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
 
 
 def _main_captured(module, args):
@@ -125,7 +114,7 @@ def compared(tmp_path_factory, data_dir):
         mp.setattr(runs, "launch_main", forked_launch)  # the real lbsgd.main, forked (test_sweep.py: unforked)
         proc = _main_captured(compare, _args(workdir, data_dir))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    results = {(label, s): _read_json(workdir / f"{folder}_seed{s}" / "results.json") for label, folder, _ in ENTRIES
+    results = {(label, s): read_json(workdir / f"{folder}_seed{s}" / "results.json") for label, folder, _ in ENTRIES
                for s in SEEDS}
     return types.SimpleNamespace(workdir=workdir, proc=proc, results=results)
 
@@ -142,14 +131,14 @@ def test_every_run_records_its_strategy_and_seed(compared, data_dir):
                                  "num_epochs": 1, **fields}.items():
                 *parents, leaf = field.split(".")
                 setattr(config[parents[0]] if parents else config, leaf, value)
-            recorded = _read_json(compared.workdir / f"{folder}_seed{s}" / "config.json")
+            recorded = read_json(compared.workdir / f"{folder}_seed{s}" / "config.json")
             assert recorded["seed"] == s and recorded == checkpoint._plain(config), (label, s)
         # two seeds, two runs: other initial parameters and data order, so another training loss
         assert compared.results[label, 0]["train_loss"] != compared.results[label, 1]["train_loss"], label
 
 
 def test_compare_csv_is_the_runs_results_and_their_modelled_times(compared):
-    rows = _csv(compared.workdir / "compare.csv")
+    rows = read_csv(compared.workdir / "compare.csv")
     order = [(label, folder, s) for s in SEEDS for label, folder, _ in ENTRIES]  # seed-major, as run
     assert [(r["label"], r["seed"]) for r in rows] == [(label, str(s)) for label, _, s in order]
     for r, (label, folder, s) in zip(rows, order):
@@ -170,7 +159,7 @@ def test_compare_md_is_the_mean_over_seeds_of_each_strategy(compared):
     table = [[c.strip() for c in ln.strip("|").split("|")] for i, ln in enumerate(lines) if i != 1]
     header, *body = table
     assert header[:4] == ["strategy", "k", "seeds", "test accuracy (%)"] and len(body) == len(ENTRIES)
-    rows = {r["label"]: r for r in _csv(compared.workdir / "compare.csv") if r["seed"] == "0"}
+    rows = {r["label"]: r for r in read_csv(compared.workdir / "compare.csv") if r["seed"] == "0"}
     for line, (label, _, _) in zip(body, ENTRIES):
         res = [compared.results[label, s] for s in SEEDS]
         acc = [100 * r["eval_accuracy"] for r in res]
@@ -214,7 +203,7 @@ def test_compare_csv_models_every_strategy_s_step_time_by_hand(tmp_path, capsys,
     done = main_here(compare, ["--config=experiments/digits.py", f"--workdir={tmp_path}", "--workers=8", "--seeds=0",
                                f"--strategies={','.join(built_in)}"], capsys)
     assert done.returncode == 0, done.stderr
-    rows = _csv(tmp_path / "compare.csv")
+    rows = read_csv(tmp_path / "compare.csv")
     assert [r["label"] for r in rows] == built_in
     compute = 16 / ips[str(tmp_path / "allreduce_k8_seed0")]
     for r in rows:
@@ -236,7 +225,7 @@ def test_rerun_with_the_same_flags_reuses_every_run(compared, tmp_path, data_dir
     assert again.stdout.count("already done") == 4
     assert {p: t for p, t in file_stamps(workdir).items() if p.suffix not in (".csv", ".md", ".png")} == kept
     strip = lambda rows: [{k: v for k, v in r.items() if k != "run"} for r in rows]  # noqa: E731
-    assert strip(_csv(workdir / "compare.csv")) == strip(_csv(compared.workdir / "compare.csv"))
+    assert strip(read_csv(workdir / "compare.csv")) == strip(read_csv(compared.workdir / "compare.csv"))
 
 
 @pytest.mark.parametrize("num_epochs,changed,fields", [

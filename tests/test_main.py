@@ -12,19 +12,11 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import fork_runner
+from conftest import DIGITS, TINY, fork_runner
 from lbsgd import checkpoint
 
 ABSL_LOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d")  # an absl log line (progress), not an error message
 
-DIGITS = "--config=experiments/digits.py"
-TINY = [
-    "--config.model=resnet4",
-    "--config.model_width=8",
-    "--config.per_worker_batch_size=4",
-    "--config.log_every_steps=4",
-    "--config.eval_every_epochs=0",
-]
 
 # name: (arguments, a phrase the one error line must contain). {placeholders} are files made by bad_runs.
 BAD_INPUTS = {

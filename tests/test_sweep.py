@@ -3,7 +3,6 @@ records; reruns: the same flags reuse every run, other flags are refused before 
 resumes."""
 
 import contextlib
-import csv
 import io
 import json
 import os
@@ -14,7 +13,7 @@ import types
 import numpy as np
 import pytest
 
-from conftest import REPO, file_stamps, forked_launch, main_here, run_module
+from conftest import REPO, file_stamps, forked_launch, main_here, read_csv, read_json, run_module
 from lbsgd import checkpoint, runs, sweep
 
 
@@ -99,16 +98,6 @@ def _expected_config(data_dir, fields, seed):
     return checkpoint._plain(config)
 
 
-def _read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def _csv(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
 def _table(path):
     """A markdown table's rows (header first) as lists of stripped cells, without the |---| line."""
     with open(path) as f:
@@ -162,7 +151,7 @@ def swept(tmp_path_factory, data_dir):
         figures = record_figures(mp)
         proc = _main_captured(sweep, _args(workdir, data_dir))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    results = {(folder, s): _read_json(workdir / folder / f"seed{s}" / "results.json")
+    results = {(folder, s): read_json(workdir / folder / f"seed{s}" / "results.json")
                for folder, *_ in CELLS for s in SEEDS}
     return types.SimpleNamespace(workdir=workdir, proc=proc, figures=figures, results=results)
 
@@ -184,14 +173,14 @@ def test_every_run_records_the_config_and_seed_of_its_cell(swept, data_dir):
     assert all("ETA" in ln for ln in lines)
     for folder, _, _, fields in CELLS:
         for s in SEEDS:
-            recorded = _read_json(swept.workdir / folder / f"seed{s}" / "config.json")
+            recorded = read_json(swept.workdir / folder / f"seed{s}" / "config.json")
             assert recorded["seed"] == s and recorded == _expected_config(data_dir, fields, s), (folder, s)
         # two seeds, two runs: other initial parameters and data order, so another training loss
         assert swept.results[folder, 0]["train_loss"] != swept.results[folder, 1]["train_loss"], folder
 
 
 def test_sweep_csv_has_one_row_per_run_with_its_results(swept):
-    rows = _csv(swept.workdir / "sweep.csv")
+    rows = read_csv(swept.workdir / "sweep.csv")
     assert [(r["cell"], r["seed"], r["variant"]) for r in rows] == [
         (label, str(s), variant) for _, label, variant, _ in CELLS for s in SEEDS]
     for r, (folder, s) in zip(rows, [(c[0], s) for c in CELLS for s in SEEDS]):
@@ -274,7 +263,7 @@ def test_rerun_with_the_same_overrides_reuses_every_run(swept, tmp_path, data_di
     assert {p: t for p, t in file_stamps(workdir).items() if p.suffix not in (".csv", ".md", ".png")} == {
         p: t for p, t in stamps.items() if p.suffix not in (".csv", ".md", ".png")}
     strip = lambda rows: [{k: v for k, v in r.items() if k != "run"} for r in rows]  # noqa: E731
-    assert strip(_csv(workdir / "sweep.csv")) == strip(_csv(swept.workdir / "sweep.csv"))
+    assert strip(read_csv(workdir / "sweep.csv")) == strip(read_csv(swept.workdir / "sweep.csv"))
 
 
 def _remove(workdir, name, folders=None):
@@ -285,7 +274,7 @@ def _remove(workdir, name, folders=None):
 
 def _edit_label_smoothing(workdir):
     path = workdir / "num_workers-2_momentum-0.5" / "seed1" / "config.json"
-    config = _read_json(path)
+    config = read_json(path)
     config["label_smoothing"] = 0.1  # as if another run had been made there
     path.write_text(json.dumps(config))
 
@@ -345,9 +334,9 @@ def test_an_interrupted_run_resumes_and_finished_runs_are_not_rerun(swept, tmp_p
     assert second.stdout.count("already done") == 5 and "[2/6] num_workers=4, seed 0" in second.stdout
     assert [p.stat().st_mtime_ns for p in finished] == stamps
     assert f"resumed from checkpoint at step {TINY['max_steps']}" in (interrupted / "log.txt").read_text()
-    resumed = _read_json(interrupted / "results.json")
+    resumed = read_json(interrupted / "results.json")
     assert resumed["eval_accuracy"] == swept.results["num_workers-4", 0]["eval_accuracy"]
-    assert len(_csv(workdir / "sweep.csv")) == 6
+    assert len(read_csv(workdir / "sweep.csv")) == 6
 
 
 def test_a_stopped_run_stops_the_sweep_with_a_line_to_resume(tmp_path, monkeypatch, capsys):
