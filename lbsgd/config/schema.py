@@ -132,6 +132,7 @@ FIELDS: tuple[Field, ...] = (
     # Workers (Goyal's k and n).
     F("num_workers", 8, "k: workers; the global minibatch is k*n", check=_positive),
     F("per_worker_batch_size", 16, "n: examples per worker per step (BatchNorm batch, §2.3)", check=_positive),
+    F("bn_group_size", 1, "g: BatchNorm statistics over the g*n examples of g workers; divides k", check=_positive),
     F("num_devices", 0, "devices to use; 0 = all of every process; must divide k", check=_num_devices),
     F("accumulation_steps", 1, "microsteps a device runs its k/d workers in; 0 = automatic", check=_zero_or_count),
     F("max_device_batch", 0, "with accumulation_steps=0: most examples per microstep", check=_zero_or_count),

@@ -51,6 +51,7 @@ def check_config(config) -> None:
     check_fields(config)
     strategies.check_config(config)
     check_scaling(config)
+    check_bn_groups(config)
 
 
 def check_scaling(config) -> None:
@@ -72,6 +73,31 @@ def check_scaling(config) -> None:
         raise ConfigError(
             "config.noise_scale=True compares one worker's gradient with the sum over k workers: set "
             "--config.num_workers to 2 or more"
+        )
+
+
+def check_bn_groups(config) -> None:
+    """BN groups of g = ``config.bn_group_size`` workers: g divides k; g > 1 needs a strategy whose workers
+    take their gradients at one shared copy of the parameters, and per-worker BN for the noise scale."""
+    g, k = config.bn_group_size, config.num_workers
+    if k % g:
+        divisors = ", ".join(str(i) for i in range(1, k + 1) if k % i == 0)
+        raise ConfigError(
+            f"config.bn_group_size={g} must divide config.num_workers={k} (groups of consecutive workers); "
+            f"use one of {divisors}"
+        )
+    if g == 1:
+        return
+    if not strategies.REGISTRY[config.strategy].cls.supports_bn_groups:
+        accepting = ", ".join(repr(name) for name, e in sorted(strategies.REGISTRY.items()) if e.cls.supports_bn_groups)
+        raise ConfigError(
+            f"config.bn_group_size={g} needs workers that share one copy of the parameters, which strategy "
+            f"{config.strategy!r} has not; use strategy {accepting} or --config.bn_group_size=1"
+        )
+    if config.noise_scale:
+        raise ConfigError(
+            f"config.noise_scale=True needs each worker's own gradient, which BN groups of {g} workers do not give; "
+            f"use --config.bn_group_size=1 to measure it"
         )
 
 
@@ -114,6 +140,26 @@ def check_layout(config, num_devices_available: int, num_processes: int = 1) -> 
         raise ConfigError(
             f"config.accumulation_steps={config.accumulation_steps} must divide the {m} workers per "
             f"device (k={k} / d={d})"
+        )
+    check_bn_group_layout(config, m, d)
+
+
+def check_bn_group_layout(config, m: int, d: int) -> None:
+    """A BN group of g workers lies within one device (g divides m) or spans whole devices (m divides g),
+    and ``config.accumulation_steps`` keeps each device's groups whole."""
+    g, a = config.bn_group_size, config.accumulation_steps
+    if g == 1:
+        return
+    if m % g and g % m:
+        raise ConfigError(
+            f"config.bn_group_size={g} must divide, or be a multiple of, the {m} workers per device (k={m * d} / "
+            f"d={d}); choose another --config.num_devices or --config.bn_group_size"
+        )
+    units = m // g if g <= m else 1
+    if a and units % a:
+        raise ConfigError(
+            f"config.accumulation_steps={a} must divide the {units} BN groups per device (bn_group_size={g}, "
+            f"{m} workers per device): a microstep holds whole groups"
         )
 
 

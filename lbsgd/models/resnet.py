@@ -15,7 +15,10 @@
   CPU convolution is pathologically slow. Every other backend and shape uses ``lax.conv_general_dilated``.
 * BatchNorm momentum 0.9, ε = 1e-5. In training mode a BN layer normalises over the batch it is
   given; the trainer hands each worker's n examples separately (vmap over workers), so batch
-  statistics are per worker (Goyal §2.3: "BN statistics computed over n examples").
+  statistics are per worker (Goyal §2.3: "BN statistics computed over n examples"), or each BN group's
+  g·n examples together. ``bn_axis_name``/``bn_axis_index_groups`` (default: none) make every BN layer
+  average its batch mean and mean square over that named axis (``lax.pmean``, Flax's own
+  ``axis_name``), for a BN group whose examples lie on several devices.
 
 This module imports only jax and flax.
 """
@@ -221,6 +224,9 @@ class ResNet(nn.Module):
       width: filters of the first stage (doubles every stage).
       dtype: compute dtype (e.g. bfloat16); parameters and BN statistics stay float32.
       bn_momentum: running-average momentum of BatchNorm (Goyal: 0.9).
+      bn_axis_name: a named axis over which BatchNorm averages its batch statistics (None: the batch
+        given is the whole BN batch).
+      bn_axis_index_groups: groups of ``bn_axis_name`` indices averaged separately (None: all).
     """
 
     stage_sizes: Sequence[int]
@@ -231,6 +237,8 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
+    bn_axis_name: str | None = None
+    bn_axis_index_groups: Any = None
 
     @nn.compact
     def __call__(self, x, train: bool = True):
@@ -244,6 +252,8 @@ class ResNet(nn.Module):
             epsilon=self.bn_epsilon,
             dtype=self.dtype,
             param_dtype=jnp.float32,
+            axis_name=self.bn_axis_name,
+            axis_index_groups=self.bn_axis_index_groups,
         )
         block_cls = {"basic": BasicBlock, "bottleneck": BottleneckBlock}[self.block]
         x = x.astype(self.dtype)

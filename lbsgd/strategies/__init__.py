@@ -9,6 +9,7 @@ gossip_pull   nothing; average with one random peer (Jin et al.)            ``go
 gossip_push   nothing; push-sum with one peer (Jin et al.; Assran et al.)   ``gossip``
 easgd         a centre variable, pulled elastically (Zhang et al.)          ``easgd``
 async_ps      a server copy; workers compute on stale pulls (Dean et al.)   ``async_ps``
+local_sgd     nothing between averages every H steps (Stich; Lin et al.)    ``local_sgd``
 ============  ============================================================  ==============
 
 ``from_config(config, num_devices)`` builds the one named by ``config.strategy``;
@@ -27,12 +28,14 @@ from lbsgd.strategies import dpsgd  # isort: skip
 from lbsgd.strategies import gossip  # isort: skip
 from lbsgd.strategies import easgd  # isort: skip
 from lbsgd.strategies import async_ps  # isort: skip
+from lbsgd.strategies import local_sgd  # isort: skip
 from lbsgd.strategies.allreduce import Allreduce
 from lbsgd.strategies.async_ps import AsyncPS
 from lbsgd.strategies.base import StepContext, Strategy
 from lbsgd.strategies.dpsgd import DPSGD
 from lbsgd.strategies.easgd import EASGD
 from lbsgd.strategies.gossip import GossipPull, GossipPush
+from lbsgd.strategies.local_sgd import LocalSGD
 from lbsgd.strategies.registry import REGISTRY, check_config, options, register, topology_of
 
 from_config = registry.build
@@ -44,6 +47,7 @@ __all__ = [
     "AsyncPS",
     "GossipPull",
     "GossipPush",
+    "LocalSGD",
     "REGISTRY",
     "StepContext",
     "Strategy",
@@ -54,6 +58,7 @@ __all__ = [
     "easgd",
     "from_config",
     "gossip",
+    "local_sgd",
     "options",
     "register",
     "registry",

@@ -25,6 +25,7 @@ class Allreduce(Strategy):
 
     per_worker = False
     supports_noise_scale = True
+    supports_bn_groups = True
     uses_aggregation = True
     aggregation: str = "psum"
     bucket_mb: float = 25.0

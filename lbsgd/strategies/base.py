@@ -57,6 +57,8 @@ class Strategy:
     per_worker: ClassVar[bool] = True  # parameters and optimizer state carry a leading worker axis
     # ``reduce`` returns one gradient summed over all k workers (the gradient noise scale needs it).
     supports_noise_scale: ClassVar[bool] = False
+    # Every worker takes its gradient at one shared copy, so a BN group of workers is one model (bn_group_size > 1).
+    supports_bn_groups: ClassVar[bool] = False
     uses_aggregation: ClassVar[bool] = False  # ``config.aggregation``/``bucket_mb`` choose how it sums
 
     @classmethod
@@ -64,6 +66,12 @@ class Strategy:
         """The strategy of a run: ``config`` (the whole run config), ``options`` (its ``registry.Options``
         from ``config.<section>``) and the device count d. Default: no fields to set."""
         return cls()
+
+    def bind(self, schedule, steps_per_epoch: int) -> "Strategy":
+        """This strategy for a run whose learning rate follows ``schedule`` (an optax schedule of the step)
+        with ``steps_per_epoch`` steps an epoch, for options tied to the rate or given in epochs. Called once
+        by ``lbsgd.trainer.build``; default: itself."""
+        return self
 
     @property
     def grad_per_worker(self) -> bool:
@@ -115,6 +123,11 @@ class Strategy:
         """``apply`` after ``reduce``: new (params, opt_state, extra) from the workers' gradients."""
         return self.apply(ctx, tx, params, opt_state, extra, grad_params, self.reduce(ctx, grads))
 
+    def mix_batch_stats(self, ctx: StepContext, batch_stats):
+        """Each worker's BN running statistics ([m, ...] leaves) after this step's own update (e.g. averaged
+        when the models are); default: unchanged."""
+        return batch_stats
+
     def step_metrics(self, ctx: StepContext, extra) -> dict:
         """Scalars to log for this step, equal on every device (e.g. gradient staleness); none by default."""
         return {}
@@ -142,6 +155,10 @@ class Strategy:
         """Modelled seconds per step: ``compute_s`` for a worker's forward/backward plus this strategy's
         communication on a network of latency α and inverse bandwidth β (α-β model, ``lbsgd.costmodel``)."""
         raise NotImplementedError
+
+    def result_fields(self, extra, num_workers: int, model_bytes: int) -> dict:
+        """The strategy's own results.json fields from the final ``extra`` (global arrays); none by default."""
+        return {}
 
     def describe(self) -> dict:
         """Fields for results.json and the log: the strategy's name and options."""

@@ -40,6 +40,11 @@ class Options:
         """One line saying what is wrong with a value and how to fix it, or None when all are valid."""
         return None
 
+    def validate_for(self, config) -> str | None:
+        """Like ``validate``, for checks that need the rest of the run's config (k, the epochs); called for
+        the chosen strategy's options only. None by default."""
+        return None
+
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
@@ -177,7 +182,8 @@ def _check_sections(config, entry: Entry) -> None:
                     f"{entry.name!r}; drop it or set --config.strategy={users[0]}"
                 )
         owner = next(e for e in REGISTRY.values() if e.section == section)
-        problem = owner.options(**given).validate()
+        chosen = owner.options(**given)
+        problem = chosen.validate() or (chosen.validate_for(config) if section == entry.section else None)
         if problem:
             raise ConfigError(problem)
 

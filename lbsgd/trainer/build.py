@@ -14,6 +14,7 @@ from typing import Any, Callable
 from lbsgd import optim, strategies
 from lbsgd.models import factory as model_factory
 from lbsgd.parallel import layout as layout_lib
+from lbsgd.trainer import grads as grads_lib
 from lbsgd.trainer.state import TrainState, create_train_state
 from lbsgd.trainer.step import make_consensus_fn, make_eval_step, make_train_step
 
@@ -68,9 +69,10 @@ def build(config, layout: layout_lib.WorkerLayout, *, num_classes: int, channels
     ``channels`` channels, with ``steps_per_epoch`` steps an epoch (the schedule counts in epochs)."""
     tx, schedule = optim.from_config(config, steps_per_epoch)
     model = model_factory.from_config(config, num_classes)
-    strategy = strategies.from_config(config, layout.num_devices)
+    strategy = strategies.from_config(config, layout.num_devices).bind(schedule, steps_per_epoch)
+    units, per_unit = grads_lib.bn_units(layout.workers_per_device, config.bn_group_size)  # (m, 1) without BN groups
     accumulation = resolve_accumulation(
-        layout.workers_per_device, config.per_worker_batch_size, config.accumulation_steps, config.max_device_batch
+        units, per_unit * config.per_worker_batch_size, config.accumulation_steps, config.max_device_batch
     )
     train_step = make_train_step(
         model,
@@ -85,6 +87,7 @@ def build(config, layout: layout_lib.WorkerLayout, *, num_classes: int, channels
         noise_scale=config.noise_scale,
         noise_scale_decay=config.noise_scale_decay,
         steps_per_dispatch=config.steps_per_dispatch,
+        bn_group_size=config.bn_group_size,
     )
     return Program(
         config=config,

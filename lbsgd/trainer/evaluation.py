@@ -2,7 +2,8 @@
 ``lbsgd.trainer.step.make_eval_step``).
 
 The evaluated model is the strategy's evaluation model (the shared copy, the workers' average, EASGD's
-centre, …) with the BN running statistics averaged over the k workers (each worker keeps its own).
+centre, …) with the BN running statistics averaged over the k workers (each worker keeps its own; with
+BN groups of g workers every worker of a group holds the group's, so this is the mean over the k/g groups).
 """
 
 from __future__ import annotations

@@ -90,6 +90,7 @@ def write_results(run: Run, result: LoopResult, eval_step, consensus_fn) -> dict
         "global_batch_size": kn,
         "num_workers": k,
         "per_worker_batch_size": n,
+        "bn_group_size": config.bn_group_size,
         "devices": lay.num_devices,
         "processes": lay.num_processes,
         "workers_per_device": lay.workers_per_device,
@@ -102,6 +103,7 @@ def write_results(run: Run, result: LoopResult, eval_step, consensus_fn) -> dict
         "bytes_sent_per_worker_per_step": float(
             run.strategy.bytes_sent_per_worker_per_step(k, model_bytes(state, run.strategy))
         ),
+        **run.strategy.result_fields(state.extra, k, model_bytes(state, run.strategy)),
         "num_params": num_parameters(state, run.strategy),
         "nonfinite_steps_skipped": int(jax.device_get(state.nonfinite)[0]),
         "wall_time_s": time.time() - run.t_start,

@@ -2,7 +2,8 @@
 
 ``params``/``opt_state`` are one shared copy (allreduce) or per worker with a leading axis of size k
 (strategies whose workers keep their own parameters); ``batch_stats`` always have the leading worker
-axis: each worker keeps its own BatchNorm running statistics (Goyal et al. §2.3).
+axis: each worker keeps its own BatchNorm running statistics (Goyal et al. §2.3); with BN groups
+(``bn_group_size`` = g, ``lbsgd.trainer.grads``) every worker of a group holds the group's.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@
    server);
 2. **gradients** — each of the device's m = k/d workers forwards its own n examples with its own
    BatchNorm statistics (§2.3) and differentiates its loss Σ ce / (k·n) (Remark 3) or / n
-   (``lbsgd.trainer.grads``, optionally in ``accumulation_steps`` microsteps of whole workers);
+   (``lbsgd.trainer.grads``, optionally in ``accumulation_steps`` microsteps of whole workers), or
+   with ``bn_group_size`` = g each BN group's g·n examples together;
 3. **reduce** — the strategy turns the workers' gradients into the gradient of the step (allreduce: Σ
    over all k, ``config.aggregation``, §4);
 4. **apply** — the strategy's optimizer step(s) and any mixing (``lbsgd.optim``'s Goyal update);
@@ -91,6 +92,7 @@ def make_train_step(
     noise_scale: bool = False,
     noise_scale_decay: float = noise_scale_lib.DEFAULT_DECAY,
     steps_per_dispatch: int = 1,
+    bn_group_size: int = 1,
 ):
     """Build the jitted train step ``(state, images, labels) -> (state, metrics)``.
 
@@ -108,6 +110,9 @@ def make_train_step(
     ``noise_scale``, ``noise_g2`` and ``noise_trace``. The workers then take their gradients one after
     another, so that each one's norm is seen; off, nothing of it is traced.
 
+    ``bn_group_size`` = g > 1: BN batch statistics over the g·n examples of g consecutive workers
+    (``lbsgd.trainer.grads``; one shared copy of the parameters, no noise scale).
+
     ``steps_per_dispatch`` = s > 1 (MLPerf's device loop): one call takes s steps' batches stacked on a
     leading axis (``images`` [s', k·n, ...] for any s' — the last call of a run may hold fewer) and runs the
     steps in a ``lax.scan`` on the device, each exactly the single step; the metrics come back stacked [s'].
@@ -115,7 +120,9 @@ def make_train_step(
     strategy = strategy or Allreduce()
     k, n, m, a = layout.num_workers, per_worker_batch_size, layout.workers_per_device, accumulation_steps
     _check(strategy, k, m, a, noise_scale)
-    worker_loss = grads_lib.make_worker_loss(model, strategy.loss_denominator(k, n), label_smoothing)
+    grads_lib.check_bn_group(bn_group_size, k, m, a, strategy.grad_per_worker, noise_scale)
+    bn_model = grads_lib.group_model(model, bn_group_size, m, layout.num_devices, AXIS)
+    worker_loss = grads_lib.make_worker_loss(bn_model, strategy.loss_denominator(k, n), label_smoothing)
 
     def per_device(state: TrainState, images, labels):
         ctx = StepContext(
@@ -125,6 +132,7 @@ def make_train_step(
         out = grads_lib.worker_gradients(
             worker_loss, grad_params, state.batch_stats, images, labels,
             n=n, microsteps=a, per_worker=strategy.grad_per_worker, norms=noise_scale,
+            bn_group=bn_group_size, axis=AXIS,
         )  # fmt: skip
         reduced = strategy.reduce(ctx, out.grads)
         params, opt_state, extra = strategy.apply(
@@ -140,7 +148,7 @@ def make_train_step(
         new_state = TrainState(
             step=state.step + 1,
             params=params,
-            batch_stats=out.batch_stats,
+            batch_stats=strategy.mix_batch_stats(ctx, out.batch_stats),
             opt_state=opt_state,
             extra=extra,
             nonfinite=jnp.stack([state.nonfinite[0] + bad, (state.nonfinite[1] + 1) * bad]),
