@@ -11,7 +11,7 @@
 # (default 450), so the script returns with what it has measured. Each writes
 # OUTDIR/step_k<K>_n<N>_<name>.json; everything printed goes to OUTDIR/log.txt. The first setting also
 # profiles one window of steps (OUTDIR/profile; its top ops are printed and in its JSON). `bench input`
-# runs only where TensorFlow is installed. README "GPU" has the whole device call.
+# runs only where TensorFlow is installed. docs/performance.md has the whole device call.
 #
 # Wheels: `bench step` builds its step from a run config (lbsgd.config.schema), so it needs ml_collections.
 # A GPU image with jax, flax, optax and orbax but without ml_collections needs its wheel in .whl/ (not in
@@ -51,7 +51,7 @@ declare -A FLAGS=(
 )
 peer=()
 if [[ -n "${FLAX_DIR:-}" ]]; then
-  peer=(--peer=flax "--flax-dir=$FLAX_DIR")
+  peer=(--peer=flax "--flax_dir=$FLAX_DIR")
 fi
 
 step() { # step NAME K N [more bench step flags]

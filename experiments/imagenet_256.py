@@ -1,6 +1,6 @@
 r"""Goyal et al. 2017 baseline: ResNet-50 on ImageNet, k=8 workers x n=32 = 256 images per step.
 
-Command (one host with 8 accelerators; ImageNet prepared for TFDS, see README "ImageNet"):
+Command (one host with 8 accelerators; ImageNet prepared for TFDS, see docs/imagenet.md):
   python -m lbsgd.main --config=experiments/imagenet_256.py --workdir=runs/imagenet_256
 
 Hardware assumed: one server with 8 GPUs (the paper: 8 NVIDIA P100, "Big Basin"), or any 8 devices;

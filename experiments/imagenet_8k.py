@@ -1,6 +1,6 @@
 r"""Goyal et al. 2017 headline run: ResNet-50 on ImageNet, k=256 workers x n=32 = 8,192 images per step.
 
-Command, one process per host (32 hosts x 8 GPUs; see README "ImageNet" for SLURM/TPU):
+Command, one process per host (32 hosts x 8 GPUs; see docs/imagenet.md for SLURM/TPU):
   python -m lbsgd.main --config=experiments/imagenet_8k.py --workdir=/shared/runs/imagenet_8k \
     --coordinator_address=HOST0:1234 --num_processes=32 --process_id=$RANK
 

@@ -129,38 +129,48 @@ def plot(path: str, max_p: int, nbytes: float, alpha: float, beta: float, gamma:
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m lbsgd.commcost``: print the table, write the PNG; returns the exit status."""
+EXAMPLES = (
+    "python -m lbsgd.commcost --out=/tmp/commcost.png",
+    "python -m lbsgd.commcost --bandwidth_gbit=10 --latency_us=50 --max_p=1024 --out=/tmp/commcost_10gbe.png",
+    "python -m lbsgd.commcost --message_mb=25 --fixed_p=256 --reduce_gbyte_s=0 --out=/tmp",
+)
+
+
+def make_parser() -> cli.ArgumentParser:
+    """The flags of ``lbsgd.commcost``."""
     ap = cli.ArgumentParser(
         prog="python -m lbsgd.commcost",
         description="alpha-beta-gamma model: ring vs recursive halving/doubling allreduce (Goyal et al. §4).",
+        examples=EXAMPLES,
     )
     ap.add_argument(
         "--message_mb",
         type=cli.positive(float),
         default=DEFAULT_MESSAGE_MB,
-        help="message size in MiB (default 100: ResNet-50's ~25.6M float32 gradients)",
+        help="message size in MiB; 100 = ResNet-50's ~25.6M float32 gradients",
     )
     ap.add_argument(
         "--bandwidth_gbit",
         type=cli.positive(float),
         default=DEFAULT_BANDWIDTH_GBIT,
-        help="link bandwidth, Gbit/s (default 50, Goyal's Ethernet)",
+        help="link bandwidth in Gbit/s; 50 = Goyal's Ethernet",
     )
-    ap.add_argument(
-        "--latency_us", type=float, default=DEFAULT_LATENCY_US, help="per-message latency alpha in us (default 10)"
-    )
+    ap.add_argument("--latency_us", type=float, default=DEFAULT_LATENCY_US, help="per-message latency alpha in us")
     ap.add_argument(
         "--reduce_gbyte_s",
         type=float,
         default=DEFAULT_REDUCE_GBYTE_S,
-        help="reduction throughput in GB/s, gamma = 1/this; 0 = free (default 10)",
+        help="reduction throughput in GB/s, gamma = 1/this; 0 = free",
     )
-    ap.add_argument("--max_p", type=cli.positive(int), default=4096, help="largest worker count (default 4096)")
-    ap.add_argument(
-        "--fixed_p", type=cli.positive(int), default=1000, help="p for the time-vs-message-size panel (default 1000)"
-    )
+    ap.add_argument("--max_p", type=cli.positive(int), default=4096, help="largest worker count p")
+    ap.add_argument("--fixed_p", type=cli.positive(int), default=1000, help="p for the time-vs-message-size panel")
     ap.add_argument("--out", default="commcost.png", help="PNG path; a directory means <dir>/commcost.png")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m lbsgd.commcost``: print the table, write the PNG; returns the exit status."""
+    ap = make_parser()
     args = ap.parse_args(argv)
     if args.latency_us < 0:
         ap.error("--latency_us must be >= 0")

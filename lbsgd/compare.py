@@ -207,19 +207,51 @@ def plot(workdir: str, rows: list[dict], histories: dict, workers: Sequence[int]
     return paths
 
 
-def parse(argv):
-    """Flags; bad ones are one line and exit 2."""
-    ap = cli.ArgumentParser(prog="python -m lbsgd.compare", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", required=True, help="an experiments/*.py config file")
-    ap.add_argument("--workdir", default="runs/compare")
+EXAMPLES = (
+    "python -m lbsgd.compare --config=experiments/digits.py --list",
+    "python -m lbsgd.compare --config=experiments/digits.py --workdir=runs/compare --workers=8 --seeds=0 "
+    "--num_epochs=5",
+    "python -m lbsgd.compare --config=experiments/digits.py --workdir=runs/compare --workers=8,16 --seeds=0,1 "
+    '--strategies="allreduce,easgd tau=10" --override=weight_decay=1e-4',
+)
+
+
+def make_parser() -> cli.ArgumentParser:
+    """The flags of ``lbsgd.compare``."""
+    ap = cli.ArgumentParser(prog="python -m lbsgd.compare", description=__doc__.split("\n\n")[0], examples=EXAMPLES)
+    ap.add_argument("--config", required=True, metavar="PATH", help="an experiments/*.py config file (required)")
+    ap.add_argument(
+        "--workdir", metavar="DIR", default="runs/compare", help="one folder per run, and the tables and figures"
+    )
     ap.add_argument("--workers", default="8,16", help="comma-separated k values")
     ap.add_argument("--seeds", default="0,1", help="comma-separated seeds")
     ap.add_argument("--strategies", default="", help="comma-separated labels to run (default: all); see --list")
     ap.add_argument("--list", action="store_true", help="print the strategy labels and exit")
-    ap.add_argument("--num_epochs", type=cli.positive(int), default=None, help="override the config's epochs")
-    ap.add_argument("--cpu_devices", type=int, default=8, help="simulated CPU devices per run (0: leave as is)")
-    ap.add_argument("--compute_ms", type=cli.positive(float), default=None, help="compute time per step per worker")
-    ap.add_argument("--override", action="append", default=[], help="extra --config.X=Y for every run")
+    ap.add_argument(
+        "--num_epochs", type=cli.positive(int), default=None, help="epochs of every run (default: the config's)"
+    )
+    ap.add_argument(
+        "--cpu_devices", type=int, metavar="N", default=8, help="simulated CPU devices per run; 0 = leave as is"
+    )
+    ap.add_argument(
+        "--compute_ms",
+        type=cli.positive(float),
+        default=None,
+        help="compute time per step per worker (default: measured from the allreduce run)",
+    )
+    ap.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a config override for every run, without --config., e.g. --override=num_epochs=10 (repeatable)",
+    )
+    return ap
+
+
+def parse(argv):
+    """Flags; bad ones are one line and exit 2."""
+    ap = make_parser()
     args = ap.parse_args(argv)
     if args.list:
         return args
@@ -245,6 +277,7 @@ def parse(argv):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run (or resume) every run, then write compare.csv, compare.md and the figures."""
+    cli.require_train_extra("lbsgd.compare")  # the configs and the runs need lbsgd[train]
     args = parse(sys.argv[1:] if argv is None else argv)
     if args.list:
         print("\n".join(labels()))

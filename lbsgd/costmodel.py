@@ -31,7 +31,7 @@ from typing import Callable, Iterable
 
 MIB = 1 << 20
 
-# Defaults, documented in the CLI help and in README:
+# Defaults, documented in the CLI help and in docs/aggregation.md:
 DEFAULT_MESSAGE_MB = 100.0  # ResNet-50: ~25.6M float32 gradients ~ 100 MB.
 DEFAULT_BANDWIDTH_GBIT = 50.0  # Goyal et al.'s 50 Gbit/s Ethernet.
 # Per-message latency on a 50 GbE datacenter network: a few us for RDMA

@@ -51,30 +51,53 @@ def _pump(stream, prefix: str, out, lock: threading.Lock) -> None:
     stream.close()
 
 
+EXAMPLES = (
+    "python -m lbsgd.launch -- --config=experiments/digits.py --workdir=runs/digits_2x4",
+    "python -m lbsgd.launch --num_processes=4 --devices_per_process=2 -- --config=experiments/digits.py "
+    "--workdir=runs/digits_4x2 --config.num_workers=16",
+    "python -m lbsgd.launch --num_processes=2 --port=29500 -- --config=experiments/digits.py --workdir=runs/d "
+    "--config.strategy=dpsgd",
+)
+
+
+def make_parser() -> cli.ArgumentParser:
+    """The launcher's own flags (those before ``--``; what follows ``--`` goes to every lbsgd.main)."""
+    p = cli.ArgumentParser(
+        prog="python -m lbsgd.launch",
+        usage="%(prog)s [--num_processes P] [--devices_per_process D] [--port PORT] [--heartbeat_timeout_s S] "
+        "-- <lbsgd.main flags>",
+        description="Start a multi-process lbsgd.main run on this machine: P processes of D simulated CPU devices "
+        "each.\n\n" + __doc__.split("\n\n")[1],
+        examples=EXAMPLES,
+    )
+    p.add_argument("--num_processes", type=cli.positive(int), default=2, metavar="P", help="processes to start")
+    p.add_argument(
+        "--devices_per_process",
+        type=cli.positive(int),
+        default=4,
+        metavar="D",
+        help="simulated CPU devices in each process",
+    )
+    p.add_argument(
+        "--port", type=cli.port, default=0, metavar="PORT", help="coordinator port on 127.0.0.1; 0 = pick a free one"
+    )
+    p.add_argument(
+        "--heartbeat_timeout_s",
+        type=cli.positive(int),
+        default=60,
+        metavar="S",
+        help="seconds without a peer's heartbeat before a process exits",
+    )
+    return p
+
+
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if "--" in argv:
         i = argv.index("--")
         own, main_args = argv[:i], argv[i + 1 :]
     else:
         own, main_args = argv, []
-    p = cli.ArgumentParser(
-        prog="python -m lbsgd.launch",
-        usage="python -m lbsgd.launch [flags] -- <lbsgd.main flags>",
-        description=__doc__.splitlines()[0],
-    )
-    p.add_argument("--num_processes", type=cli.positive(int), default=2, help="processes to start (default 2)")
-    p.add_argument(
-        "--devices_per_process", type=cli.positive(int), default=4, help="simulated CPU devices each (default 4)"
-    )
-    p.add_argument("--port", type=cli.port, default=0, help="coordinator port on 127.0.0.1 (0 = pick a free one)")
-    p.add_argument(
-        "--heartbeat_timeout_s",
-        type=cli.positive(int),
-        default=60,
-        help="seconds without a peer's heartbeat before a process exits (default 60)",
-    )
-    args = p.parse_args(own)
-    return args, main_args
+    return make_parser().parse_args(own), main_args
 
 
 def _error(msg: str) -> int:

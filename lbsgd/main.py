@@ -1,6 +1,8 @@
 r"""Train k workers x n examples: ``python -m lbsgd.main --config=experiments/digits.py --workdir=runs/digits``.
 
-Any config field can be overridden: ``--config.num_workers=16``. Rerunning the same command on the
+The ``lbsgd`` console script is the same command as ``python -m lbsgd.main``. Any config field can be
+overridden: ``--config.num_workers=16``, ``--config.easgd.beta=0.5``; ``--print_config`` lists every
+field with its value and meaning, and exits without training. Rerunning the same command on the
 same workdir resumes from the latest checkpoint. Bad input exits with status 2 and one line on
 stderr saying what is wrong and how to fix it.
 
@@ -14,18 +16,30 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import textwrap
 
-from absl import app
-from absl import flags
-from ml_collections import config_flags
+from lbsgd import cli
 
-from lbsgd import errors
+cli.require_train_extra("lbsgd")  # before the trainer's packages are imported: one line, not a traceback
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+import ml_collections  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from lbsgd import errors, runs  # noqa: E402
 from lbsgd import workdir as workdir_lib
 from lbsgd.stopping import STOP
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an experiments/*.py config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and results.json.")
+flags.DEFINE_bool(
+    "print_config",
+    False,
+    "Print every config field (after the --config.<field> overrides) with its value and meaning, then exit "
+    "without training; --workdir is not needed.",
+)
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.", lower_bound=0)
 flags.DEFINE_enum("distributed", "off", ["off", "auto"], "'auto': jax.distributed.initialize() detects the cluster.")
@@ -36,6 +50,16 @@ flags.DEFINE_integer("init_timeout_s", 120, "Multi-process: seconds to wait for 
 flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.", lower_bound=1)
 
 EXIT_USAGE = errors.EXIT_USAGE  # bad input: config, flags, data, workdir, checkpoints
+#: lbsgd.main's own flags, in the order ``--help`` lists them (absl's own: ``--helpfull``)
+OWN_FLAGS = ("config", "workdir", "print_config", "coordinator_address", "num_processes", "process_id",
+             "distributed", "heartbeat_timeout_s", "init_timeout_s")  # fmt: skip
+HELP_FLAGS = ("-h", "--help", "-?")  # --helpshort and --helpfull stay absl's
+EXAMPLES = (
+    "python -m lbsgd.main --config=experiments/digits.py --workdir=runs/digits",
+    "lbsgd --config=experiments/digits.py --workdir=runs/digits_k16 --config.num_workers=16 --config.warmup=none",
+    "python -m lbsgd.main --config=experiments/digits.py --print_config --config.strategy=easgd "
+    "--config.easgd.period=10",
+)
 
 
 def quiet_native_logs() -> None:
@@ -96,8 +120,53 @@ def _flag_value(argv: list[str], name: str) -> str | None:
     return None
 
 
+def usage() -> str:
+    """``--help``: what ``lbsgd.main`` does, its flags with their defaults, and examples."""
+    lines = [
+        "usage: python -m lbsgd.main --config=<experiments/*.py> --workdir=<dir> [--config.<field>=<value> ...] "
+        "[flags]",
+        "       lbsgd [the same flags]",
+        "",
+        __doc__.strip(),
+        "",
+        "flags:",
+    ]
+    for name in OWN_FLAGS:
+        flag = FLAGS[name]
+        default = "none" if flag.default is None else flag.default
+        lines.append(f"  --{name}")
+        text = f"{flag.help} (default: {default})"
+        lines.append(textwrap.fill(text, 100, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    lines += [
+        "  --config.<field>=<value>",
+        "      override one field of the config file (a strategy's option: --config.easgd.beta=0.5); "
+        "--print_config lists them",
+        "  --helpfull",
+        "      every flag, absl's and JAX's too",
+        "",
+        cli.examples_epilog(EXAMPLES),
+    ]
+    return "\n".join(lines)
+
+
+def _unknown_field(config_path: str, argv: list[str], error: Exception) -> str:
+    """The one line for a KeyError or AttributeError of loading the config with its overrides: the override
+    naming no field and the closest field (ml_collections' own message spans lines, quoted twice), or what
+    went wrong in the config file itself."""
+    try:
+        config = runs.load_config(config_path.split(":", 1)[0])
+    except Exception as e:  # noqa: BLE001 - an error inside the user's config file
+        return f"--config file {config_path!r} failed to load: {type(e).__name__}: {e}"
+    found = cli.override_problem(config, argv)
+    return found or f"--config file {config_path!r} failed to load: {type(error).__name__}: {error}"
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """Parse flags; a bad flag, missing/unreadable config file or unknown override exits 2 with one line."""
+    """Parse flags; a bad flag, missing/unreadable config file or unknown override exits 2 with one line.
+    ``--help`` prints ``usage()`` and exits 0."""
+    if any(a in HELP_FLAGS for a in argv[1:]):
+        print(usage())
+        sys.exit(0)
     config_path = _flag_value(argv, "config")
     if config_path is not None and not os.path.isfile(config_path.split(":", 1)[0]):
         fail(f"--config file {config_path!r} does not exist; pass --config=<path to an experiments/*.py file>")
@@ -105,11 +174,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         rest = FLAGS(argv)
         FLAGS.config  # ml_collections defers load errors to the first access  # noqa: B018
     except flags.Error as e:
-        fail(f"{e}; see --helpfull for the flags")
+        fail(f"{e}; see --help for the flags")
     except (KeyError, AttributeError) as e:
-        bad = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
-        name = str(e.args[0] if e.args else e).strip("\"'")
-        fail(f"unknown config field {name!r} (in {' '.join(bad)}); use a field that exists in {config_path}")
+        fail(_unknown_field(config_path, argv, e))
     except (ValueError, TypeError) as e:
         fail(f"bad --config override: {e}; check the value's type against {config_path}")
     except OSError as e:
@@ -120,6 +187,35 @@ def parse_flags(argv: list[str]) -> list[str]:
     except Exception as e:  # noqa: BLE001 - an error inside the user's config file
         fail(f"--config file {config_path!r} failed to load: {type(e).__name__}: {e}")
     return rest
+
+
+def config_lines(config) -> list[str]:
+    """``--print_config``: ``name = value  # meaning`` per field (``lbsgd.config.schema.FIELDS``, in its
+    order); a strategy's options as ``section.option = value`` under a comment line saying what they are."""
+    from lbsgd import strategies
+    from lbsgd.config import schema
+
+    docs = {f.name: f.doc for f in schema.FIELDS}
+    for entry in strategies.REGISTRY.values():
+        if entry.section and entry.section not in docs:
+            about = " ".join((entry.options.__doc__ or "").split("\n\n")[0].split()).replace("``", "").rstrip(".")
+            about = about.removeprefix(f"config.{entry.section}:").strip()
+            users = [e.name for e in strategies.REGISTRY.values() if e.section == entry.section]
+            docs[entry.section] = f"config.{entry.section}, options of strategy {' / '.join(users)}: {about}"
+    keys = list(config.keys())
+    rows = []  # (name, value, meaning); name None: a section's comment line
+    for name in [n for n in schema.names() if n in keys] + [n for n in keys if n not in schema.names()]:
+        value = config[name]
+        if isinstance(value, ml_collections.ConfigDict):
+            rows.append((None, docs.get(name, f"config.{name}"), ""))
+            rows += [(f"{name}.{key}", v, "") for key, v in value.items()]
+        else:
+            rows.append((name, value, docs.get(name, "")))
+    width = max(len(name) for name, _, _ in rows if name)
+    return [
+        f"# {value}" if name is None else f"{name:<{width}} = {value!r}" + (f"  # {doc}" if doc else "")
+        for name, value, doc in rows
+    ]
 
 
 def init_distributed() -> None:
@@ -213,6 +309,9 @@ def main(argv) -> None:
     config = FLAGS.config
     if config is None:
         fail("--config is required; e.g. --config=experiments/digits.py")
+    if FLAGS.print_config:
+        print("\n".join(config_lines(config)), flush=True)
+        return  # nothing trained, no workdir touched: exit status 0
     try:
         workdir, lock = prepare(config, FLAGS.workdir)
     except errors.LbsgdError as e:

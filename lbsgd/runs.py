@@ -22,6 +22,7 @@ import sys
 import time
 from typing import Any, Sequence
 
+from lbsgd import cli
 from lbsgd.errors import EXIT_FAILED, EXIT_STOPPED, ConfigError, LbsgdError, RunFailed, RunStopped, StaleRun
 
 
@@ -47,6 +48,17 @@ RESULTS_FILE = "results.json"
 SHOWN_FIELDS = 3  # differing fields named in a StaleRun line
 
 
+def _load_plain(config_path: str):
+    """The config file's ``get_config()`` without overrides (to name a mistyped override's closest field)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True)
+    values(["lbsgd.main", f"--config={config_path}"])
+    return values.config
+
+
 def resolve_config(config_path: str, overrides: Sequence[str]) -> dict[str, Any]:
     """The full config ``python -m lbsgd.main --config=<config_path> <overrides>`` runs with, as it records it
     in ``WORKDIR/config.json``: the file and the ``--config.*`` ``overrides`` parsed as lbsgd.main parses them
@@ -67,13 +79,9 @@ def resolve_config(config_path: str, overrides: Sequence[str]) -> dict[str, Any]
         config = values.config  # ml_collections defers load errors to the first access
     except flags.Error as e:
         raise ConfigError(f"{_one_line(e)}; check the override") from None
-    except (KeyError, AttributeError) as e:
-        name = str(e.args[0] if e.args else e).strip("\"'")
-        names = [o.split("=", 1)[0] for o in overrides]
-        given = " ".join([n for n in names if n.rsplit(".", 1)[-1] == name] or names)
-        raise ConfigError(
-            f"unknown config field {name!r} (in {given}); use a field that exists in {config_path}"
-        ) from None
+    except (KeyError, AttributeError):
+        problem = cli.override_problem(_load_plain(config_path), overrides)
+        raise ConfigError(problem or f"an override of {' '.join(overrides)} names no field of {config_path}") from None
     except Exception as e:  # noqa: BLE001 - an error inside the user's config file or a bad value
         raise ConfigError(f"--config file {config_path!r} with {' '.join(overrides)} failed to load: "
                           f"{type(e).__name__}: {_one_line(e)}") from None

@@ -275,16 +275,43 @@ def plot(workdir: str, rows: list[dict], histories: dict[str, list[dict]]) -> li
     return paths
 
 
+EXAMPLES = (
+    'python -m lbsgd.sweep --config=experiments/digits.py --grid="num_workers=1,2,4,8;warmup=gradual,none" --list',
+    "python -m lbsgd.sweep --config=experiments/digits.py --workdir=runs/sweep --seeds=0,1,2 "
+    '--grid="num_workers=1,2,4,8,16,32,64;warmup=gradual,none,constant"',
+    "python -m lbsgd.sweep --config=experiments/digits.py --workdir=runs/lars --seeds=0 "
+    '--grid="num_workers=32,64;optimizer=goyal_sgd,lars" --override=num_epochs=10 --cpu_devices=8',
+)
+
+
+def make_parser() -> cli.ArgumentParser:
+    """The flags of ``lbsgd.sweep``."""
+    ap = cli.ArgumentParser(prog="python -m lbsgd.sweep", description=__doc__.split("\n\n")[0], examples=EXAMPLES)
+    ap.add_argument("--config", required=True, metavar="PATH", help="an experiments/*.py config file (required)")
+    ap.add_argument(
+        "--workdir", metavar="DIR", default="runs/sweep", help="one folder per (cell, seed), and the tables and figures"
+    )
+    ap.add_argument(
+        "--grid", action="append", default=[], help="field=v1,v2;field=v1,...: a product of overrides (repeatable)"
+    )
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, each run for every cell")
+    ap.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a config override for every run, without --config., e.g. --override=num_epochs=10 (repeatable)",
+    )
+    ap.add_argument(
+        "--cpu_devices", type=int, metavar="N", default=0, help="simulated CPU devices per run; 0 = leave as is"
+    )
+    ap.add_argument("--list", action="store_true", help="print the cells and exit")
+    return ap
+
+
 def parse(argv):
     """Flags; bad ones are one line and exit 2."""
-    ap = cli.ArgumentParser(prog="python -m lbsgd.sweep", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", required=True, help="an experiments/*.py config file")
-    ap.add_argument("--workdir", default="runs/sweep")
-    ap.add_argument("--grid", action="append", default=[], help="field=v1,v2;field=v1,... (repeatable)")
-    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    ap.add_argument("--override", action="append", default=[], help="extra --config.X=Y for every run")
-    ap.add_argument("--cpu_devices", type=int, default=0, help="simulated CPU devices per run (0: leave as is)")
-    ap.add_argument("--list", action="store_true", help="print the cells and exit")
+    ap = make_parser()
     args = ap.parse_args(argv)
     if not os.path.isfile(args.config):
         ap.error(f"--config file {args.config!r} does not exist; pass an experiments/*.py file")
@@ -319,6 +346,7 @@ def final_training(history: list[dict]) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run (or resume) every (cell, seed), then write sweep.csv, sweep.md and the figures."""
+    cli.require_train_extra("lbsgd.sweep")  # the configs and the runs need lbsgd[train]
     args = parse(sys.argv[1:] if argv is None else argv)
     if args.list:
         print("\n".join(c.label for c in args.cells))

@@ -147,7 +147,8 @@ def run_main(*args, env=None, timeout=300):
 # running alone; with setup.cfg's --no-loadscope-reorder (xdist's own order is by number of tests).
 SLOW_FIRST = ("test_multiprocess.py", "test_main.py", "test_accuracy.py", "test_strategies.py", "test_imagenet.py",
               "test_train.py", "test_notebooks.py", "test_easgd_async.py", "test_aggregators.py", "test_checkpoint.py",
-              "test_models.py", "test_noise_scale.py", "test_folder.py", "test_sweep.py")
+              "test_local_sgd.py", "test_bn_groups.py", "test_models.py", "test_noise_scale.py", "test_folder.py",
+              "test_sweep.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -86,10 +86,10 @@ def test_bad_flag_from_the_shell_is_one_line_and_exit_2():
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--peer=flax", "--flax-dir=/no/such/dir"], "has no train.py and models.py"),
-        (["--peer=flax"], "needs --flax-dir"),
-        (["--flax-dir=/tmp"], "only used with --peer=flax"),
-        (["--peer=flax", "--flax-dir=/tmp", "--model=resnet8"], "needs an ImageNet model"),
+        (["--peer=flax", "--flax_dir=/no/such/dir"], "has no train.py and models.py"),
+        (["--peer=flax"], "needs --flax_dir"),
+        (["--flax_dir=/tmp"], "only used with --peer=flax"),
+        (["--peer=flax", "--flax_dir=/tmp", "--model=resnet8"], "needs an ImageNet model"),
     ],
 )
 def test_step_peer_flags_are_checked_in_one_line(flags, message):
@@ -369,7 +369,7 @@ def test_step_against_the_flax_example(tmp_path):
     """Slow (two ResNet-18 compiles, ~1-2 min on a CPU); runs only with LBSGD_FLAX_DIR set."""
     out = tmp_path / "peer.json"
     argv = ["step", "--model=resnet18", "--model_width=8", "--image_size=32", "--num_classes=10", "--dtype=float32"]
-    argv += ["--per_worker_batch_size=2", "--repeats=2", "--peer=flax", f"--flax-dir={os.environ['LBSGD_FLAX_DIR']}"]
+    argv += ["--per_worker_batch_size=2", "--repeats=2", "--peer=flax", f"--flax_dir={os.environ['LBSGD_FLAX_DIR']}"]
     assert bench.main(argv + [f"--json={out}"]) == 0
     r = json.loads(out.read_text())
     assert r["flax_flops_per_step"] == r["flops_per_step"]  # the same ResNet v1.5, the same batch

@@ -18,7 +18,6 @@ import pytest
 from lbsgd import optim
 from lbsgd.config import schema
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # ImageNet-8k: 1,281,167 training images, kn = 8192, drop remainder.
 IMAGENET_TRAIN = 1_281_167
@@ -731,7 +730,7 @@ def test_from_config_unknown_names(overrides, field):
 
 
 # ---------------------------------------------------------------------------
-# Module hygiene and README snippet
+# Module hygiene
 # ---------------------------------------------------------------------------
 
 
@@ -745,22 +744,6 @@ def test_pure_pieces_import_only_jax_and_optax():
         own = {name for name in imported if name.startswith("lbsgd")}
         assert all(name.startswith("lbsgd.optim.") and name != "lbsgd.optim.factory" for name in own), (path.name, own)
         assert imported - own <= {"__future__", "typing", "jax", "jax.numpy", "optax"}, (path.name, imported)
-
-
-def test_readme_snippet_runs(capsys):
-    readme = (REPO / "README.md").read_text()
-    start = readme.index("## Use the optimizer in your own project")
-    text = readme[start : readme.index("\n## ", start + 1)]
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert len(blocks) == 1
-    namespace = {"__name__": "__readme__"}
-    exec(compile(blocks[0], "README.md", "exec"), namespace)
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 4
-    # gradual warmup starts at eta = 0.1 (not 0), and the toy problem is learned
-    assert lines[0].startswith("step 0: lr 0.1000,")
-    first_loss = float(lines[0].rsplit(" ", 1)[1])
-    assert float(namespace["loss"]) < 0.1 * first_loss
 
 
 # --- Learning-rate scaling rules (issue #11) -----------------------------------------------------

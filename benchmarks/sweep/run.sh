@@ -1,5 +1,5 @@
 #!/bin/sh
-# The README's digits sweep (issue #11): measure the gradient noise scale, then the kn sweep.
+# The digits sweep of docs/comparison.md: measure the gradient noise scale, then the kn sweep.
 # Usage: sh benchmarks/sweep/run.sh [WORKDIR]   (default runs/sweep; rerun to resume)
 set -e
 W=${1:-runs/sweep}

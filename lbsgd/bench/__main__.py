@@ -2,7 +2,10 @@
 
 import sys
 
-from lbsgd.bench.cli import main
+from lbsgd import cli
 
 if __name__ == "__main__":
+    cli.require_train_extra("lbsgd.bench")  # the benchmarks build the trainer's step: lbsgd[train]
+    from lbsgd.bench.cli import main
+
     sys.exit(main())

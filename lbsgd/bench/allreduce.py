@@ -67,25 +67,38 @@ def default_repeats(nbytes: int) -> int:
     return 3
 
 
+EXAMPLES = (
+    "python -m lbsgd.bench allreduce --sizes=64KB,1MB --devices=8 --repeats=5",
+    "python -m lbsgd.bench allreduce --methods=ring --json=allreduce.json",
+    "python -m lbsgd.bench allreduce --sizes=1MB,16MB,100MB --devices=2,4,8 --methods=ring,halving_doubling",
+)
+
+
 def make_parser() -> cli.ArgumentParser:
     """The flags of ``bench allreduce``."""
     ap = cli.ArgumentParser(
         prog="python -m lbsgd.bench allreduce",
         description="Time allreduce algorithms (Goyal et al. §4) against lax.psum on the first p devices.",
+        examples=EXAMPLES,
     )
     ap.add_argument(
         "--sizes",
         type=_csv(parse_size),
         default=_csv(parse_size)(DEFAULT_SIZES),
-        help=f"per-device buffer sizes (default {DEFAULT_SIZES})",
+        help=f"per-device buffer sizes, comma-separated (default: {DEFAULT_SIZES})",
     )
     ap.add_argument(
         "--devices",
         type=_csv(_device_count),
         default=_csv(_device_count)(DEFAULT_DEVICES),
-        help=f"worker counts p (default {DEFAULT_DEVICES})",
+        help=f"worker counts p, comma-separated (default: {DEFAULT_DEVICES})",
     )
-    ap.add_argument("--methods", type=_csv(str), default=None, help="algorithms (default: all of AGGREGATIONS)")
+    ap.add_argument(
+        "--methods",
+        type=_csv(str),
+        default=None,
+        help="algorithms, comma-separated (default: every one: psum, ring, halving_doubling)",
+    )
     ap.add_argument(
         "--repeats",
         type=_device_count,

@@ -38,22 +38,29 @@ def hlo_counts(text: str) -> dict:
     }
 
 
+EXAMPLES = (
+    "python -m lbsgd.bench hlo --model=resnet8 --model_width=16 --image_size=8 --num_classes=10 --dtype=float32",
+    "python -m lbsgd.bench hlo --model=resnet50 --per_worker_batch_size=8 --image_size=64 --json=hlo.json",
+    "python -m lbsgd.bench hlo --model=resnet50 --per_worker_batch_size=8 --image_size=64 --flax_dir=$HOME/flax",
+)
+
+
 def make_parser() -> cli.ArgumentParser:
     """The flags of ``bench hlo``."""
     ap = cli.ArgumentParser(
         prog="python -m lbsgd.bench hlo",
         description="Instruction counts of the compiled train step (optimized HLO), beside the Flax example's.",
-        epilog="example: python -m lbsgd.bench hlo --model resnet50 --per_worker_batch_size 8 --image_size 64 "
-        "--flax_dir ~/flax",
+        examples=EXAMPLES,
     )
-    ap.add_argument("--model", default="resnet50", help="an lbsgd model (default resnet50)")
-    ap.add_argument("--model_width", type=int, default=0, help="channels of the first stage (default: the model's)")
-    ap.add_argument("--image_size", type=cli.positive(int), default=64, help="input size in pixels (default 64)")
-    ap.add_argument("--num_classes", type=cli.positive(int), default=1000, help="classes (default 1000)")
-    ap.add_argument("--num_workers", type=cli.positive(int), default=1, help="k (default 1)")
-    ap.add_argument("--per_worker_batch_size", type=cli.positive(int), default=8, help="n (default 8)")
-    ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"), help="default bfloat16")
-    ap.add_argument("--flax_dir", "--flax-dir", default=None, help="a google/flax checkout: count its step too")
+    ap.add_argument("--model", default="resnet50", help="a ResNet of lbsgd.models.resnet (resnet4 ... resnet152)")
+    ap.add_argument("--model_width", type=int, default=0, help="channels of the first stage (default 0: the model's)")
+    ap.add_argument("--image_size", type=cli.positive(int), default=64, help="input size in pixels")
+    ap.add_argument("--num_classes", type=cli.positive(int), default=1000, help="classes")
+    ap.add_argument("--num_workers", type=cli.positive(int), default=1, help="k, workers")
+    ap.add_argument("--per_worker_batch_size", type=cli.positive(int), default=8, help="n, images per worker")
+    ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"), help="compute dtype")
+    ap.add_argument("--flax_dir", default=None, help="a google/flax checkout: count its step too")
+    ap.add_alias("--flax-dir", "--flax_dir")
     ap.add_argument("--json", default=None, help="write the counts to this path")
     return ap
 

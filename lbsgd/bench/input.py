@@ -54,24 +54,32 @@ def time_iterator(it, batch_size: int, warmup: int, batches: int) -> float:
     return batches * batch_size / (time.perf_counter() - t0)
 
 
+EXAMPLES = (
+    "python -m lbsgd.bench input --num_images=64 --batches=4 --batch_size=16",
+    "python -m lbsgd.bench input --json=input.json",
+    "python -m lbsgd.bench input --folder=/data/imagenet_folder --batch_size=256 --batches=20",
+)
+
+
 def make_parser() -> cli.ArgumentParser:
     """The flags of ``bench input``."""
     ap = cli.ArgumentParser(
         prog="python -m lbsgd.bench input",
-        description="Throughput of the tf.data ImageNet pipeline on generated JPEGs.",
+        description="Throughput of the tf.data ImageNet pipeline on generated JPEGs, in total and per host core.",
+        examples=EXAMPLES,
     )
     ap.add_argument(
         "--folder",
         default=None,
         help="an existing folder dataset (train/<class>/*.jpg); default: generate JPEGs in a temporary folder",
     )
-    ap.add_argument("--num_images", type=cli.positive(int), default=256, help="JPEGs to generate (default 256)")
-    ap.add_argument("--width", type=cli.positive(int), default=500)
-    ap.add_argument("--height", type=cli.positive(int), default=375)
-    ap.add_argument("--image_size", type=cli.positive(int), default=224)
+    ap.add_argument("--num_images", type=cli.positive(int), default=256, help="JPEGs to generate")
+    ap.add_argument("--width", type=cli.positive(int), default=500, help="width of the generated JPEGs in pixels")
+    ap.add_argument("--height", type=cli.positive(int), default=375, help="height of the generated JPEGs in pixels")
+    ap.add_argument("--image_size", type=cli.positive(int), default=224, help="size of the crops the pipeline makes")
     ap.add_argument("--batch_size", type=cli.positive(int), default=64, help="images per batch (k·n of one host)")
-    ap.add_argument("--batches", type=cli.positive(int), default=12, help="timed batches (default 12)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed batches first (default 2)")
+    ap.add_argument("--batches", type=cli.positive(int), default=12, help="timed batches")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed batches first")
     ap.add_argument("--json", default=None, help="write results to this path")
     return ap
 

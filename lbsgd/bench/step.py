@@ -18,7 +18,7 @@ k workers x n images over d devices. Reported:
 * ``peak_memory_bytes``: per device, from XLA's memory analysis of the compiled step (arguments +
   outputs + temporaries - donated buffers the outputs reuse).
 
-``--peer=flax --flax-dir=PATH`` also times the Flax ImageNet example's own ``train_step``
+``--peer=flax --flax_dir=PATH`` also times the Flax ImageNet example's own ``train_step``
 (``lbsgd.bench.peers.flax``) on the same model, batch and devices in the same run, and prints lbsgd's
 images/s over Flax's.
 """
@@ -71,34 +71,49 @@ def _ms(stats: dict) -> str:
 # --------------------------------------------------------------------------
 
 
+#: The compute dtypes training accepts (``lbsgd.config.schema.DTYPES``; float16 is refused there: no loss
+#: scaling). Spelled out, not imported: the schema imports JAX, which must not start before the flags.
+DTYPES = ("float32", "bfloat16")
+EXAMPLES = (
+    "python -m lbsgd.bench step --model=resnet8 --model_width=16 --image_size=8 --num_classes=10 --dtype=float32",
+    "python -m lbsgd.bench step --model=resnet50 --num_workers=8 --per_worker_batch_size=32 --num_devices=8 "
+    "--json=step.json",
+    "python -m lbsgd.bench step --model=resnet50 --per_worker_batch_size=32 --peer=flax --flax_dir=$HOME/flax",
+)
+
+
 def make_parser() -> cli.ArgumentParser:
     """The flags of ``bench step``."""
     ap = cli.ArgumentParser(
         prog="python -m lbsgd.bench step",
         description="Throughput, MFU and memory of lbsgd.train's train step (k workers x n images) on random inputs.",
+        examples=EXAMPLES,
     )
-    ap.add_argument("--model", default="resnet50")
-    ap.add_argument("--model_width", type=int, default=0, help="channels of the first stage (default: the model's)")
+    ap.add_argument("--model", default="resnet50", help="a ResNet of lbsgd.models.resnet (resnet4 ... resnet152)")
+    ap.add_argument("--model_width", type=int, default=0, help="channels of the first stage (default 0: the model's)")
     ap.add_argument(
         "--image_size",
         type=cli.positive(int),
         default=None,
-        help="default 224 for ImageNet models, 32 for small-image ones",
+        help="input size in pixels (default: 224 for ImageNet models, 32 for small-image ones)",
     )
-    ap.add_argument("--num_classes", type=cli.positive(int), default=1000)
-    ap.add_argument("--num_workers", type=cli.positive(int), default=1, help="k (default 1)")
-    ap.add_argument("--per_worker_batch_size", type=cli.positive(int), default=8, help="n (default 8; the paper: 32)")
+    ap.add_argument("--num_classes", type=cli.positive(int), default=1000, help="classes of the random labels")
+    ap.add_argument("--num_workers", type=cli.positive(int), default=1, help="k, workers")
+    ap.add_argument(
+        "--per_worker_batch_size", type=cli.positive(int), default=8, help="n, images per worker (paper: 32)"
+    )
     ap.add_argument("--num_devices", type=cli.positive(int), default=1, help="devices to spread the k workers over")
-    ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
-    ap.add_argument("--aggregation", default="psum", help="allreduce: psum | ring | halving_doubling")
+    ap.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="compute dtype (parameters stay float32)")
+    ap.add_argument("--aggregation", default="psum", help="allreduce's sum: psum | ring | halving_doubling")
     ap.add_argument(
-        "--model_stem", default="", choices=("", "imagenet", "space_to_depth", "small"), help="'' = the model's own"
+        "--model_stem",
+        default="",
+        choices=("", "imagenet", "space_to_depth", "small"),
+        help="the model's first layers (default '': the model's own)",
     )
-    ap.add_argument(
-        "--steps_per_dispatch", type=cli.positive(int), default=1, help="steps a call runs on the device (default 1)"
-    )
-    ap.add_argument("--repeats", type=cli.positive(int), default=5, help="timed steps (default 5)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed windows after compiling (default 1)")
+    ap.add_argument("--steps_per_dispatch", type=cli.positive(int), default=1, help="steps a call runs on the device")
+    ap.add_argument("--repeats", type=cli.positive(int), default=5, help="timed windows")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed windows after compiling")
     ap.add_argument(
         "--in_flight",
         type=int,
@@ -106,17 +121,14 @@ def make_parser() -> cli.ArgumentParser:
         help=f"steps dispatched before each wait (default 0: 1 on CPU, {IN_FLIGHT_OFF_CPU} on an accelerator)",
     )
     ap.add_argument(
-        "--peak_size", type=int, default=0, help="matrix size of the peak-FLOP/s matmul (default: 512 CPU, 8192 else)"
+        "--peak_size", type=int, default=0, help="matrix size of the peak-FLOP/s matmul (default 0: 512 CPU, 8192 else)"
     )
-    ap.add_argument("--peak_repeats", type=cli.positive(int), default=3, help="peak matmul calls; best taken (3)")
+    ap.add_argument("--peak_repeats", type=cli.positive(int), default=3, help="peak matmul calls; the best is taken")
     ap.add_argument("--peer", default=None, choices=("flax",), help="also time a peer's train step: 'flax'")
     ap.add_argument(
-        "--flax-dir",
-        "--flax_dir",
-        dest="flax_dir",
-        default=None,
-        help="a google/flax checkout (or its examples/imagenet), for --peer=flax",
+        "--flax_dir", default=None, help="a google/flax checkout (or its examples/imagenet), for --peer=flax"
     )
+    ap.add_alias("--flax-dir", "--flax_dir")
     ap.add_argument(
         "--profile",
         default=None,
@@ -128,11 +140,11 @@ def make_parser() -> cli.ArgumentParser:
 
 
 def _check_peer_flags(ap: cli.ArgumentParser, args) -> None:
-    """Refuse inconsistent ``--peer``/``--flax-dir`` flags in one line, before JAX starts."""
+    """Refuse inconsistent ``--peer``/``--flax_dir`` flags in one line, before JAX starts."""
     if args.peer == "flax" and not args.flax_dir:
-        ap.error("--peer=flax needs --flax-dir=PATH (a checkout of google/flax, or its examples/imagenet)")
+        ap.error("--peer=flax needs --flax_dir=PATH (a checkout of google/flax, or its examples/imagenet)")
     if args.flax_dir and args.peer != "flax":
-        ap.error("--flax-dir is only used with --peer=flax")
+        ap.error("--flax_dir is only used with --peer=flax")
     if args.peer == "flax" and args.model not in flax_peer.FLAX_MODELS:
         ap.error(f"--peer=flax needs an ImageNet model the Flax example has: {', '.join(flax_peer.FLAX_MODELS)}")
     if args.peer == "flax":

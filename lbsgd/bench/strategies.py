@@ -20,24 +20,32 @@ from lbsgd import cli
 from lbsgd.bench import common
 
 
+EXAMPLES = (
+    "python -m lbsgd.bench strategies",
+    "python -m lbsgd.bench strategies --strategies=allreduce,dpsgd,easgd --repeats=5",
+    "python -m lbsgd.bench strategies --num_workers=16 --num_devices=8 --dtype=bfloat16 --json=strategies.json",
+)
+
+
 def make_parser() -> cli.ArgumentParser:
     """The flags of ``bench strategies``."""
     ap = cli.ArgumentParser(
         prog="python -m lbsgd.bench strategies",
         description="Time one train step of every registered strategy relative to allreduce.",
+        examples=EXAMPLES,
     )
-    ap.add_argument("--model", default="resnet8")
-    ap.add_argument("--model_width", type=int, default=8, help="channels of the first stage (default 8)")
-    ap.add_argument("--image_size", type=cli.positive(int), default=8)
-    ap.add_argument("--channels", type=cli.positive(int), default=1)
-    ap.add_argument("--num_classes", type=cli.positive(int), default=10)
-    ap.add_argument("--num_workers", type=cli.positive(int), default=8, help="k (default 8)")
-    ap.add_argument("--per_worker_batch_size", type=cli.positive(int), default=16, help="n (default 16)")
+    ap.add_argument("--model", default="resnet8", help="a ResNet of lbsgd.models.resnet (resnet4 ... resnet152)")
+    ap.add_argument("--model_width", type=int, default=8, help="channels of the first stage; 0 = the model's")
+    ap.add_argument("--image_size", type=cli.positive(int), default=8, help="input size in pixels")
+    ap.add_argument("--channels", type=cli.positive(int), default=1, help="input channels")
+    ap.add_argument("--num_classes", type=cli.positive(int), default=10, help="classes of the random labels")
+    ap.add_argument("--num_workers", type=cli.positive(int), default=8, help="k, workers")
+    ap.add_argument("--per_worker_batch_size", type=cli.positive(int), default=16, help="n, images per worker")
     ap.add_argument("--num_devices", type=int, default=0, help="devices (default 0: min(k, available))")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     ap.add_argument("--strategies", default=None, help="comma-separated subset (default: every registered one)")
-    ap.add_argument("--repeats", type=cli.positive(int), default=10, help="timed steps per strategy (default 10)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling (default 1)")
+    ap.add_argument("--repeats", type=cli.positive(int), default=10, help="timed steps per strategy")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
     ap.add_argument("--json", default=None, help="write results to this path")
     return ap
 

@@ -22,19 +22,36 @@ from lbsgd import cli
 from lbsgd.bench import common
 
 IMAGENET_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+MODES = ("vmap", "accumulate", "one_bn")
 
 
-def _parse(argv):
-    p = cli.ArgumentParser(prog="python -m lbsgd.bench workers", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="resnet50")
-    p.add_argument("--image_size", type=int, default=None, help="default: 224 for ImageNet models, 32 otherwise")
-    p.add_argument("--per_worker_batch_size", type=cli.positive(int), default=32)
+EXAMPLES = (
+    "python -m lbsgd.bench workers --model=resnet8 --image_size=8 --per_worker_batch_size=8 --workers=1,2 --repeats=3",
+    "python -m lbsgd.bench workers --model=resnet50 --workers=1,2,4,8 --json=workers.json",
+    "python -m lbsgd.bench workers --model=resnet18 --image_size=64 --modes=vmap,one_bn --dtype=float32",
+)
+
+
+def make_parser() -> cli.ArgumentParser:
+    """The flags of ``bench workers``."""
+    p = cli.ArgumentParser(
+        prog="python -m lbsgd.bench workers",
+        description="Cost of m of Goyal's workers on one device: vmap vs accumulate vs one BN, with peak memory.",
+        examples=EXAMPLES,
+    )
+    p.add_argument("--model", default="resnet50", help="a ResNet of lbsgd.models.resnet (resnet4 ... resnet152)")
+    p.add_argument(
+        "--image_size", type=int, default=None, help="input size in pixels (default: 224 for ImageNet models, 32 else)"
+    )
+    p.add_argument("--per_worker_batch_size", type=cli.positive(int), default=32, help="n, images per worker")
     p.add_argument("--workers", default="1,2,4,8", help="comma-separated m values (workers per device)")
-    p.add_argument("--modes", default="vmap,accumulate,one_bn")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    p.add_argument("--repeats", type=cli.positive(int), default=10)
+    p.add_argument(
+        "--modes", default=",".join(MODES), help="comma-separated ways to run the m workers: " + ", ".join(MODES)
+    )
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--repeats", type=cli.positive(int), default=10, help="timed steps per point")
     p.add_argument("--json", default=None, help="write results to this path")
-    return p.parse_args(argv)
+    return p
 
 
 def time_workers(model_name: str, image_size: int, dtype: str, m: int, n: int, mode: str, repeats: int) -> dict:
@@ -114,7 +131,11 @@ def format_row(row: dict, modes: Sequence[str]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; prints a table (images/s and peak MiB per mode) and returns 0."""
-    args = _parse(sys.argv[1:] if argv is None else argv)
+    ap = make_parser()
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    unknown = [m for m in args.modes.split(",") if m not in MODES]
+    if unknown:
+        ap.error(f"unknown --modes {','.join(unknown)}; use some of: {','.join(MODES)}")
     import jax  # after the flags: see ``time_workers``
 
     args.image_size = args.image_size or (224 if args.model in IMAGENET_MODELS else 32)

@@ -3,7 +3,7 @@
 Its ``train.py`` and ``models.py`` come from a checkout of google/flax (``examples/imagenet``); the step is
 pmapped over the same devices, on the same global batch and model (``FLAX_MODELS``), as lbsgd's.
 Errors are ``lbsgd.errors.PeerError`` (one line). JAX is imported only inside the functions that run it,
-so ``bench step`` can check ``--flax-dir`` before JAX starts.
+so ``bench step`` can check ``--flax_dir`` before JAX starts.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def find_flax_example(flax_dir: str) -> str:
         if all(os.path.isfile(os.path.join(d, f)) for f in ("train.py", "models.py")):
             return d
     raise PeerError(
-        f"--flax-dir={flax_dir!r} has no train.py and models.py (point it at a checkout of google/flax, "
+        f"--flax_dir={flax_dir!r} has no train.py and models.py (point it at a checkout of google/flax, "
         "or at its examples/imagenet)"
     )
 
