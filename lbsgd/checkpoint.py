@@ -78,6 +78,7 @@ STATE_FIELDS = (
     "dataset",
     "image_size",
     "augment",
+    "validation_fraction",
     "num_workers",
     "per_worker_batch_size",
     "model",

@@ -20,12 +20,17 @@ Outputs in ``--workdir``:
 * ``compare_time_k<k>.png`` — test error against modelled wall-clock time, on 10 GbE and 56 Gb/s
   InfiniBand, with the model as it is and as large as ResNet-50 (25.6 M parameters).
 
+``--tune`` first chooses each setting's learning-rate multiplier and momentum per k on a validation split
+held out from the training set (never the test split), then runs the chosen values (``lbsgd.tune``).
+
 **Time model.** A step lasts the compute time of one worker (its forward and backward on n examples)
 plus the strategy's own communication in the α-β model (``Strategy.step_time``: a ring allreduce for
 allreduce, degree messages for D-PSGD (overlapped with compute in the ``awc`` form), one message for
 gossip, an allreduce every τ steps for EASGD, k messages through one server link for the parameter
 server). The compute time is ``--compute_ms`` if given, else measured: n divided by the images/s of
 the allreduce run with the same k (one worker's share, as if each worker had this whole machine).
+``--straggler_cv``/``--straggler_trace`` add the same with seeded per-worker compute times, and the
+modelled time to a target test error (``lbsgd.straggler_report``, docs/stragglers.md).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import sys
 import time
 from typing import Sequence
 
-from lbsgd import cli, costmodel, runs, strategies
+from lbsgd import cli, costmodel, runs, straggler_report, strategies, tune
 from lbsgd.errors import StaleRun
 from lbsgd.strategies import registry
 
@@ -102,8 +107,14 @@ def model_sizes(results: dict) -> dict[str, float]:
     return {"as-is": 4.0 * results["num_params"], "ResNet-50": 4.0 * RESNET50_PARAMS}
 
 
-def modelled_times(strategy, results: dict, compute_s: float) -> dict[str, float]:
-    """Modelled seconds per step on each network × model size."""
+def time_panels() -> list[str]:
+    """The network × model size keys of ``modelled_times``, e.g. '10GbE ResNet-50'."""
+    return [f"{net} {size}" for net in costmodel.NETWORKS for size in ("as-is", "ResNet-50")]
+
+
+def modelled_times(strategy, results: dict, compute_s) -> dict[str, float]:
+    """Modelled seconds per step on each network × model size; ``compute_s`` is one worker's compute time
+    per step, or an [S, k] table of every worker's at every step (stragglers, ``lbsgd.straggler_report``)."""
     out = {}
     for net, (gbit, latency_us) in costmodel.NETWORKS.items():
         alpha, beta, _ = costmodel.model_params(gbit, latency_us, 0.0)
@@ -224,7 +235,7 @@ def make_parser() -> cli.ArgumentParser:
         "--workdir", metavar="DIR", default="runs/compare", help="one folder per run, and the tables and figures"
     )
     ap.add_argument("--workers", default="8,16", help="comma-separated k values")
-    ap.add_argument("--seeds", default="0,1", help="comma-separated seeds")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1; with --tune 0,1,2)")
     ap.add_argument("--strategies", default="", help="comma-separated labels to run (default: all); see --list")
     ap.add_argument("--list", action="store_true", help="print the strategy labels and exit")
     ap.add_argument(
@@ -246,6 +257,8 @@ def make_parser() -> cli.ArgumentParser:
         metavar="FIELD=VALUE",
         help="a config override for every run, without --config., e.g. --override=num_epochs=10 (repeatable)",
     )
+    tune.add_flags(ap)
+    straggler_report.add_flags(ap)
     return ap
 
 
@@ -257,6 +270,7 @@ def parse(argv):
         return args
     if not os.path.isfile(args.config):
         ap.error(f"--config file {args.config!r} does not exist; pass an experiments/*.py file")
+    args.seeds = args.seeds if args.seeds is not None else "0,1,2" if args.tune else "0,1"
     try:
         args.worker_list = [int(x) for x in args.workers.split(",") if x]
         args.seed_list = [int(x) for x in args.seeds.split(",") if x]
@@ -272,6 +286,7 @@ def parse(argv):
     bad = [o for o in args.override if "=" not in o]
     if bad:
         ap.error(f"--override {bad[0]!r} must look like num_epochs=10")
+    tune.check_flags(ap, args)
     return args
 
 
@@ -285,6 +300,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra = ["--config.eval_every_epochs=1", *[f"--config.{o}" for o in args.override]]
     if args.num_epochs:
         extra.append(f"--config.num_epochs={args.num_epochs}")
+    if args.tune:  # each setting's rate and momentum, chosen on held-out training data first (lbsgd.tune)
+        extra, status = tune.tune(args, extra, runs.child_env(args.cpu_devices))
+        if status is not None:
+            return status
     plan = [(k, seed, e) for seed in args.seed_list for k in args.worker_list for e in args.entries]  # seed-major
     planned = {(k, s, e): (run_dir(args.workdir, e, k, s), run_args(e, k, s, extra)) for k, s, e in plan}
     asked, status = runs.plan_runs("lbsgd.compare", args.config, planned)
@@ -330,10 +349,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for key, seconds in modelled_times(strategy, row, compute_s).items():
             row[f"step_s {key}"] = seconds
             row[f"total_s {key}"] = seconds * row["steps"]
+        row.update(straggler_report.step_columns(args, row, compute_s, lambda c: modelled_times(strategy, row, c)))  # noqa: B023
+    straggler_report.annotate_targets(args, rows, histories)
+    tune.annotate(args, rows)  # with --tune: the chosen values of each row's setting
     if rows:
         runs.write_csv(os.path.join(args.workdir, "compare.csv"), rows)
         with open(os.path.join(args.workdir, "compare.md"), "w") as f:
-            f.write(summary_table(rows, args.worker_list))
+            f.write(summary_table(rows, args.worker_list) + tune.table(args, rows)
+                    + straggler_report.table(args, rows, args.worker_list, labels(), time_panels()))
         for p in plot(args.workdir, rows, histories, args.worker_list):
             print(f"wrote {p}")
         print(f"wrote {os.path.join(args.workdir, 'compare.csv')} and compare.md ({len(rows)} runs, "

@@ -163,7 +163,8 @@ def test_resume_with_a_changed_state_field_is_refused_naming_each_field(tmp_path
         if field not in _config():
             continue
         value = _config()[field]
-        other = (not value) if isinstance(value, bool) else value + 1 if isinstance(value, int) else f"{value}x"
+        other = ((not value) if isinstance(value, bool) else value + 1 if isinstance(value, int)
+                 else value + 0.5 if isinstance(value, float) else f"{value}x")
         with pytest.raises(checkpoint.CheckpointError, match=field):
             checkpoint.check_resume(str(tmp_path), _config(**{field: other}))
 

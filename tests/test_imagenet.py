@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, run_main
+from conftest import REPO, fork_runner
 from lbsgd import optim, train, validate
 from lbsgd.data import order
 from lbsgd.models import resnet
@@ -139,8 +139,9 @@ def test_sweep_is_a_worker_count_override(k, peak, spe):
 
 def test_command_line_override_reaches_the_data_step(tmp_path):
     """The documented command with a sweep override parses, validates, and stops at the missing data with
-    one line saying how to prepare it."""
-    r = run_main(
+    one line saying how to prepare it. (``lbsgd.main.run()``, the console script's entry, forked from this test
+    process's ``forkrun`` server: the same program without Python's and the libraries' start-up.)"""
+    r = fork_runner().run(
         "--config=experiments/imagenet_8k.py",
         "--config.num_workers=2048",
         "--config.warmup=constant",

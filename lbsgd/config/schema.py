@@ -19,13 +19,21 @@ from typing import Any, Callable
 import ml_collections
 
 from lbsgd import strategies
-from lbsgd.models.resnet import ARCHITECTURES
+from lbsgd.models.factory import NAMES as MODEL_NAMES
 from lbsgd.optim import DECAYS, LR_SCALINGS, OPTIMIZERS, TRUST_RATIOS, WARMUPS
 from lbsgd.parallel.aggregators import AGGREGATIONS
 
 DTYPES = ("float32", "bfloat16")  # float16 needs loss scaling, which lbsgd does not do: refused
 AUGMENTATIONS = ("none", "shift", "inception")
-DATASETS = ("digits", "imagenet2012", "tfds:<name>", "folder:<path>")
+DATASETS = (
+    "digits",
+    "mnist1d",
+    "mnist1d_large",
+    "mnist1d:<train>,<test>[,<seed>]",
+    "imagenet2012",
+    "tfds:<name>",
+    "folder:<path>",
+)
 NONFINITE_POLICIES = ("stop", "skip")  # config.on_nonfinite
 STEMS = ("", "imagenet", "space_to_depth", "small")  # '' = the model's own stem
 
@@ -90,8 +98,8 @@ def in_range(low: float, high: float, high_open: bool = False) -> Callable:
 
 def _dataset(name, value):
     known = isinstance(value, str) and (
-        value in ("digits", "imagenet2012")
-        or (value.startswith(("tfds:", "folder:")) and len(value.split(":", 1)[1]) > 0)
+        value in ("digits", "mnist1d", "mnist1d_large", "imagenet2012")
+        or (value.startswith(("tfds:", "folder:", "mnist1d:")) and len(value.split(":", 1)[1]) > 0)
     )
     if not known:
         return f"config.{name}={value!r} is unknown; use one of: {', '.join(DATASETS)}"
@@ -125,10 +133,13 @@ class Field:
 F = Field
 FIELDS: tuple[Field, ...] = (
     # Data.
-    F("dataset", "digits", "'digits' | 'imagenet2012' | 'tfds:<name>' | 'folder:<path>'", check=_dataset),
+    F("dataset", "digits", "'digits' | 'mnist1d' | 'mnist1d_large' | 'mnist1d:<train>,<test>' | 'imagenet2012' | "
+      "'tfds:<name>' | 'folder:<path>'", check=_dataset),
     F("data_dir", "", "TFDS data directory; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets", check=_string),
     F("augment", "shift", "'none' | 'shift' (digits) | 'inception' (random-size crop + flip)", AUGMENTATIONS),
-    F("image_size", 8, "input height and width in pixels", check=_positive),
+    F("image_size", 8, "input height and width in pixels; for signals (MNIST-1D) the length", check=_positive),
+    F("validation_fraction", 0.0, ">0: evaluate on this fraction of the training split, held out (lbsgd.data.holdout), "
+      "not on the test split", check=in_range(0.0, 1.0, high_open=True)),
     # Workers (Goyal's k and n).
     F("num_workers", 8, "k: workers; the global minibatch is k*n", check=_positive),
     F("per_worker_batch_size", 16, "n: examples per worker per step (BatchNorm batch, §2.3)", check=_positive),
@@ -142,7 +153,7 @@ FIELDS: tuple[Field, ...] = (
     F("bucket_mb", 25.0, "ring/halving-doubling bucket size in MiB", check=_positive_number),
     F("topology", "", "dpsgd/gossip graph; '' = the strategy's default", check=_string),
     # Model.
-    F("model", "resnet8", "a ResNet of lbsgd.models.resnet", tuple(ARCHITECTURES)),
+    F("model", "resnet8", "a ResNet of lbsgd.models.resnet (images) or resnet1d (signals)", MODEL_NAMES),
     F("model_width", 16, "channels of the first stage; 0 = the model's default", check=_zero_or_count),
     F("model_stem", "", "'' (the model's own) | 'imagenet' | 'space_to_depth' (same function, MLPerf's layout) | 'small'", STEMS),
     F("dtype", "float32", "compute dtype: 'float32' | 'bfloat16' (parameters stay float32)", check=_string),

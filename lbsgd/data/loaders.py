@@ -7,6 +7,9 @@ nothing lazily) fills the registry before :func:`load` can be called:
 name                   loader
 =====================  ====================================================
 ``digits``             ``lbsgd.data.digits.load`` (embedded, nothing to download)
+``mnist1d``            ``lbsgd.data.mnist1d.load`` (generated offline: 4,000 / 1,000 signals)
+``mnist1d_large``      ``lbsgd.data.mnist1d.load`` (60,000 / 10,000)
+``mnist1d:<tr>,<te>``  ``lbsgd.data.mnist1d.load_split`` (any seeded split: ``<train>,<test>[,<seed>]``)
 ``imagenet2012``       ``lbsgd.data.tfds_source.load`` (a prepared TFDS dataset)
 ``tfds:<name>``        ``lbsgd.data.tfds_source.load``
 ``folder:<path>``      ``lbsgd.data.folder.load`` (``train/<class>/*`` and ``val/<class>/*``)
@@ -19,16 +22,21 @@ from __future__ import annotations
 
 import os
 
-from lbsgd.data import digits, folder, sources, tfds_source  # noqa: F401 - importing registers their loaders
+from lbsgd.data import digits, folder, mnist1d, sources, tfds_source  # noqa: F401 - importing registers their loaders
 from lbsgd.data.sources import DataError
 
-NAMES = "'digits', 'imagenet2012', 'tfds:<name>' or 'folder:<path>'"  # as the unknown-name error lists them
+# As the unknown-name error lists them.
+NAMES = (
+    "'digits', 'mnist1d', 'mnist1d_large', 'mnist1d:<train>,<test>[,<seed>]', 'imagenet2012', 'tfds:<name>' "
+    "or 'folder:<path>'"
+)
 
 
 def load(name: str, data_dir: str = "") -> sources.Dataset:
-    """Open dataset ``name``: 'digits', 'imagenet2012', 'tfds:<name>' or 'folder:<path>'.
+    """Open dataset ``name``: one of ``NAMES``.
 
-    ``data_dir`` (else ``$TFDS_DATA_DIR``, else TFDS's default) is where TFDS datasets are prepared.
+    ``data_dir`` (else ``$TFDS_DATA_DIR``, else TFDS's default) is where TFDS datasets are prepared (and
+    MNIST-1D cached).
     Raises :class:`DataError` (one line, with the fix) for an unknown name or a dataset that cannot be opened.
     """
     data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or None

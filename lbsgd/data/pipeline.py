@@ -1,10 +1,12 @@
-"""One tf.data input pipeline for every dataset (digits, ImageNet, image folders): the iterators.
+"""One tf.data input pipeline for every dataset (digits, MNIST-1D, ImageNet, image folders): the iterators.
 
 A dataset (``lbsgd.data.sources``, opened by name with :func:`load` from ``lbsgd.data.loaders``) is a pair of
-random-access *splits*: ``read(index) -> (encoded image bytes, label)`` as a TF function. Random access is
-what makes Goyal's Remark 4 order exact: the pipeline asks for the examples of ``order.worker_batches(...)``
-in order, this process only for its own workers' slices, decodes and augments them in parallel tf.data maps
-(augmentation randomness is a function of (seed, epoch, example) only), batches and prefetches.
+random-access *splits*: ``read(index) -> (encoded example bytes, label)`` as a TF function; an example is an
+image, or a 1-D signal (MNIST-1D), decoded and augmented by ``lbsgd.data.preprocess`` as the dataset's kind
+says. Random access is what makes Goyal's Remark 4 order exact: the pipeline asks for the examples of
+``order.worker_batches(...)`` in order, this process only for its own workers' slices, decodes and augments
+them in parallel tf.data maps (augmentation randomness is a function of (seed, epoch, example) only), batches
+and prefetches.
 
 ``load``, ``DataError``, ``Dataset``, ``Split``, ``in_memory_split`` and ``IMAGENET_MEAN``/``IMAGENET_STD`` are
 re-exported here for callers that know the pipeline only (tests patch ``sources.IN_MEMORY_MAX_BYTES``).
@@ -37,9 +39,31 @@ __all__ = [
     "Split",
     "eval_iterator",
     "in_memory_split",
+    "input_problem",
     "load",
     "train_iterator",
 ]
+
+
+def input_problem(dataset: Dataset, augment: str, image_size: int) -> str | None:
+    """Why ``dataset`` cannot be read with ``augment`` at ``image_size`` (None if it can): a signal has a
+    fixed length and takes no image crops. (An image's size is checked when it is read.)"""
+    if dataset.kind != "signal":
+        return None
+    return dataset.size_problem(image_size) or preprocess.signal_problem(augment)
+
+
+def _example_fns(dataset: Dataset, augment: str, image_size: int) -> tuple[Callable, Callable]:
+    """``(train fn, eval fn)`` of ``lbsgd.data.preprocess`` for the dataset's kind; a one-line
+    ``DataError`` (:func:`input_problem`) when it cannot be read so."""
+    problem = input_problem(dataset, augment, image_size)
+    if problem:
+        raise DataError(problem)
+    args = (dataset.channels, dataset.mean, dataset.std)
+    if dataset.kind == "signal":
+        length = dataset.length
+        return preprocess.signal_train_fn(augment, length, *args), preprocess.signal_eval_fn(length, *args)
+    return preprocess.train_fn(augment, image_size, *args), preprocess.eval_fn(augment, image_size, *args)
 
 
 def _failed_example(split: Split, indices, dataset_name: str, error: Exception, augment: str, image_size: int) -> str:
@@ -108,9 +132,9 @@ def train_iterator(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Training batches for workers ``first_worker .. first_worker + num_local_workers - 1``.
 
-    Each element is ``{'image': float32 [m*n, H, W, C], 'label': int32 [m*n]}`` with the m local
-    workers' slices in worker order, starting at global step ``start_step`` (resume = same order);
-    ``num_steps`` batches, or endless when None. A run asks for exactly the steps it has left, so the
+    Each element is ``{'image': float32 [m*n, H, W, C] (signals: [m*n, L, C]), 'label': int32 [m*n]}``
+    with the m local workers' slices in worker order, starting at global step ``start_step`` (resume = same
+    order); ``num_steps`` batches, or endless when None. A run asks for exactly the steps it has left, so the
     pipeline is idle (and its iterator quick to release) when the last one is taken.
     """
     split, k, n, m = dataset.train, num_workers, per_worker_batch_size, num_local_workers
@@ -130,7 +154,7 @@ def train_iterator(
 
     # One NumPy call per epoch (not per step or example); no Python generator to finalise at the end.
     ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(examples_of).skip(first_step * m * n)
-    train_fn = preprocess.train_fn(augment, image_size, dataset.channels, dataset.mean, dataset.std)
+    train_fn = _example_fns(dataset, augment, image_size)[0]
 
     @_plain_tf
     def load_example(i, epoch):
@@ -164,7 +188,7 @@ def eval_iterator(
     idx, mask = order.eval_batches(split.num_examples, global_batch_size)
     idx = idx[:, first_slot : first_slot + num_local_slots].reshape(-1)
     mask = mask[:, first_slot : first_slot + num_local_slots].reshape(-1)
-    eval_fn = preprocess.eval_fn(augment, image_size, dataset.channels, dataset.mean, dataset.std)
+    eval_fn = _example_fns(dataset, augment, image_size)[1]
 
     @_plain_tf
     def load_example(i, m):

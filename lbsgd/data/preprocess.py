@@ -16,6 +16,10 @@ Evaluation: 'center_crop' resizes the shorter side to image_size·256/224 (256 f
 central image_size x image_size crop; 'none' only decodes and normalises.
 
 Normalisation: ``(pixel / 255 - mean) / std`` per channel.
+
+Signals (``kind='signal'``, MNIST-1D): raw float32 ``[length, channels]`` (``image_size`` = length),
+normalised as ``(x - mean) / std`` per channel; 'none', or 'shift': a random translation by up to one
+position along the length (zero pad + random crop). 'inception' is for images only (``signal_problem``).
 """
 
 from __future__ import annotations
@@ -43,6 +47,40 @@ def _decode(encoded: tf.Tensor, channels: int) -> tf.Tensor:
 def _normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
     image = tf.cast(image, tf.float32) / 255.0
     return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+
+
+def _decode_signal(encoded: tf.Tensor, length: int, channels: int) -> tf.Tensor:
+    return tf.reshape(tf.io.decode_raw(encoded, tf.float32), [length, channels])
+
+
+def _normalize_signal(x: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
+    return (x - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+
+
+def signal_problem(augment: str) -> str | None:
+    """Why signals cannot be read with ``augment`` (None if they can)."""
+    if augment in ("none", "shift"):
+        return None
+    return f"--config.augment={augment!r} crops images; signals take --config.augment=none or shift"
+
+
+def signal_train_fn(augment: str, length: int, channels: int, mean, std) -> Callable:
+    """``fn(encoded, seed[2]) -> float32 [length, channels]`` for training on signals (normalised)."""
+    if signal_problem(augment):
+        raise ValueError(signal_problem(augment))
+
+    def fn(encoded, seed):
+        x = _decode_signal(encoded, length, channels)
+        if augment == "shift":
+            x = tf.image.stateless_random_crop(tf.pad(x, [[1, 1], [0, 0]]), [length, channels], seed=seed)
+        return _normalize_signal(x, mean, std)
+
+    return fn
+
+
+def signal_eval_fn(length: int, channels: int, mean, std) -> Callable:
+    """``fn(encoded) -> float32 [length, channels]`` for evaluation on signals (normalised, as they are)."""
+    return lambda encoded: _normalize_signal(_decode_signal(encoded, length, channels), mean, std)
 
 
 def random_crop_window(

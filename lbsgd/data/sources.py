@@ -1,11 +1,13 @@
 """What a loaded dataset is, and the registry of the loaders that open one by name.
 
-A dataset is a pair of random-access *splits*: ``read(index) -> (encoded image bytes, label)`` as a
+A dataset is a pair of random-access *splits*: ``read(index) -> (encoded example bytes, label)`` as a
 TF function, so the pipeline (``lbsgd.data.pipeline``) can ask for the examples of the Remark 4 order
-in order. This module holds the types (:class:`Split`, :class:`Dataset`), the two ways of making a
-split shared by several sources (:func:`in_memory_split`, :func:`tfds_split`), and :func:`register`,
-the decorator with which each source's module (``digits``, ``tfds_source``, ``folder``) names the
-loader ``lbsgd.data.loaders.load`` dispatches to.
+in order. An example is an encoded image file (``Dataset.kind == 'image'``) or a 1-D signal of
+``Dataset.length`` positions x ``channels``, stored as raw float32 bytes (``'signal'``, MNIST-1D).
+This module holds the types (:class:`Split`, :class:`Dataset`), the ways of making a split shared by
+several sources (:func:`in_memory_split`, :func:`signal_split`, :func:`tfds_split`), and :func:`register`,
+the decorator with which each source's module (``digits``, ``mnist1d``, ``tfds_source``, ``folder``)
+names the loader ``lbsgd.data.loaders.load`` dispatches to.
 
 TFDS datasets are read through ``tfds`` data sources, which need the array_record file format
 (``tfds build --file_format=array_record``); the digits builder writes that format itself.
@@ -36,6 +38,7 @@ __all__ = [
     "in_memory_split",
     "prefix_loaders",
     "register",
+    "signal_split",
     "tfds_split",
 ]
 
@@ -54,7 +57,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """A random-access split: ``read(int64 index) -> (encoded image: tf.string, label: tf.int64)``;
+    """A random-access split: ``read(int64 index) -> (encoded example: tf.string, label: tf.int64)``;
     ``describe(index)`` names the example (a file path) in error messages when the split can;
     ``in_memory``: the encoded images are held in memory (``in_memory_split``)."""
 
@@ -66,15 +69,36 @@ class Split:
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """A training split, an evaluation split and what the model needs to know about them."""
+    """A training split, an evaluation split and what the model needs to know about them.
+
+    ``kind``: 'image' (encoded image files; ``mean``/``std`` on the 0..1 pixel scale) or 'signal' (raw
+    float32 ``[length, channels]``; ``mean``/``std`` on the signal's own scale)."""
 
     name: str
     train: Split
     eval: Split
     num_classes: int
     channels: int
-    mean: tuple[float, ...]  # per-channel, on the 0..1 scale
+    mean: tuple[float, ...]  # per-channel
     std: tuple[float, ...]
+    kind: str = "image"
+    length: int = 0  # signals: positions per example (config.image_size must equal it)
+
+    def input_shape(self, image_size: int) -> tuple[int, ...]:
+        """One preprocessed example's shape: ``(image_size, image_size, channels)`` for images (the
+        pipeline crops or checks them to that size), ``(length, channels)`` for signals."""
+        if self.kind == "signal":
+            return (self.length, self.channels)
+        return (image_size, image_size, self.channels)
+
+    def size_problem(self, image_size: int) -> str | None:
+        """Why ``config.image_size`` cannot be read from this dataset (None if it can): a signal's length is fixed."""
+        if self.kind == "signal" and image_size != self.length:
+            return (
+                f"the signals of {self.name} have {self.length} positions; set --config.image_size={self.length} "
+                f"(for a signal it is the length)"
+            )
+        return None
 
 
 # What TensorFlow adds to an op's error for its own debugging: {{function_node ...}}, [[{{node ...}}]], [Op:...].
@@ -95,6 +119,13 @@ def in_memory_split(encoded_images, labels) -> Split:
     labels = tf.constant(np.asarray(labels, dtype=np.int64), tf.int64)
     read = lambda i: (tf.gather(images, i), tf.gather(labels, i))
     return Split(num_examples=int(images.shape[0]), read=read, in_memory=True)
+
+
+def signal_split(signals, labels) -> Split:
+    """An :func:`in_memory_split` of signals ``[N, length, channels]``, each stored as its raw float32
+    bytes (the pipeline's ``tf.io.decode_raw`` reads them back exactly)."""
+    signals = np.ascontiguousarray(signals, dtype=np.float32)
+    return in_memory_split([x.tobytes() for x in signals], labels)
 
 
 def tfds_split(builder, split: str) -> Split:

@@ -12,7 +12,7 @@ import dataclasses
 
 import optax
 
-from lbsgd import costmodel
+from lbsgd import costmodel, stragglers
 from lbsgd.parallel import aggregators
 from lbsgd.strategies import registry
 from lbsgd.strategies.base import Strategy
@@ -50,9 +50,12 @@ class Allreduce(Strategy):
 
     def step_time(self, compute_s, num_workers, model_bytes, alpha, beta):
         """Compute, then the gradient allreduce (ring or halving/doubling by ``aggregation``; psum is
-        modelled as ring)."""
+        modelled as ring). Per-worker times [S, k] (stragglers): every step waits for the slowest worker."""
         cost = costmodel.COSTS.get(self.aggregation, costmodel.ring_cost)
-        return compute_s + cost(num_workers, model_bytes, alpha, beta, 0.0)["time_s"]
+        comm = cost(num_workers, model_bytes, alpha, beta, 0.0)["time_s"]
+        if stragglers.per_worker(compute_s):
+            return stragglers.run_time(compute_s, lambda s: (stragglers.ALL, comm))
+        return compute_s + comm
 
     def describe(self):
         """Strategy name and aggregation algorithm."""

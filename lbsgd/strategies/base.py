@@ -153,7 +153,9 @@ class Strategy:
 
     def step_time(self, compute_s: float, num_workers: int, model_bytes: float, alpha: float, beta: float) -> float:
         """Modelled seconds per step: ``compute_s`` for a worker's forward/backward plus this strategy's
-        communication on a network of latency α and inverse bandwidth β (α-β model, ``lbsgd.costmodel``)."""
+        communication on a network of latency α and inverse bandwidth β (α-β model, ``lbsgd.costmodel``).
+        ``compute_s`` may also be an [S, k] table of each worker's compute time at each step (stragglers,
+        ``lbsgd.stragglers``): then the mean seconds per step over those S steps, with the strategy's waits."""
         raise NotImplementedError
 
     def result_fields(self, extra, num_workers: int, model_bytes: int) -> dict:

@@ -30,7 +30,7 @@ import dataclasses
 import numpy as np
 import optax
 
-from lbsgd import costmodel
+from lbsgd import costmodel, stragglers
 from lbsgd.parallel import mixing
 from lbsgd.strategies import registry
 from lbsgd.strategies.base import Strategy, local_steps
@@ -120,8 +120,12 @@ class DPSGD(Strategy):
 
     def step_time(self, compute_s, num_workers, model_bytes, alpha, beta):
         """Out-degree messages of the model, one after another on the worker's link; overlapped with
-        compute for ``awc`` (max), after it for ``atc`` (sum)."""
+        compute for ``awc`` (max), after it for ``atc`` (sum). Per-worker times [S, k] (stragglers): each
+        worker's step waits for the previous step of the neighbours it receives from (W_ij ≠ 0)."""
         comm = mixing.messages_per_worker(self.pool) * costmodel.message_time(model_bytes, alpha, beta)
+        if stragglers.per_worker(compute_s):
+            pool = self.pool
+            return stragglers.run_time(compute_s, lambda s: (pool[s % len(pool)], comm), overlap=self.form == "awc")
         return max(compute_s, comm) if self.form == "awc" else compute_s + comm
 
     def describe(self):

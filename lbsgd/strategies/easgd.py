@@ -25,7 +25,7 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from lbsgd import costmodel
+from lbsgd import costmodel, stragglers
 from lbsgd.parallel import mixing
 from lbsgd.strategies import registry
 from lbsgd.strategies.base import Strategy, local_steps
@@ -115,8 +115,13 @@ class EASGD(Strategy):
         return 2.0 * (num_workers - 1) / num_workers * model_bytes / self.period
 
     def step_time(self, compute_s, num_workers, model_bytes, alpha, beta):
-        """Compute, plus one ring allreduce of the model every τ steps (amortised per step)."""
-        return compute_s + costmodel.ring_cost(num_workers, model_bytes, alpha, beta, 0.0)["time_s"] / self.period
+        """Compute, plus one ring allreduce of the model every τ steps (amortised per step). Per-worker times
+        [S, k] (stragglers): the workers run alone between exchanges, which wait for the slowest."""
+        ring = costmodel.ring_cost(num_workers, model_bytes, alpha, beta, 0.0)["time_s"]
+        if stragglers.per_worker(compute_s):
+            period = self.period
+            return stragglers.run_time(compute_s, lambda s: (stragglers.ALL, ring) if (s + 1) % period == 0 else (None, 0.0))
+        return compute_s + ring / self.period
 
     def describe(self):
         """Strategy, β and period τ."""

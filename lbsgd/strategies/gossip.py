@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lbsgd import costmodel
+from lbsgd import costmodel, stragglers
 from lbsgd.parallel import mixing
 from lbsgd.strategies import registry
 from lbsgd.strategies.base import Strategy, local_steps, per_worker_values
@@ -90,6 +90,14 @@ class _Gossip(Strategy):
         """The k × k mixing matrices this strategy draws from."""
         raise NotImplementedError
 
+    def neighbour_time(self, compute_s, comm: float) -> float:
+        """compute + comm; with per-worker times [S, k], each worker waits for the previous step of the peers
+        it receives from (the pool's matrices taken in turn: the expected wait of seeded draws)."""
+        if stragglers.per_worker(compute_s):
+            pool = self.pool
+            return stragglers.run_time(compute_s, lambda s: (pool[s % len(pool)], comm))
+        return compute_s + comm
+
     def mix(self, ctx, tree):
         """Apply this step's matrix of the pool."""
         plans = [mixing.plan(w, self.num_devices) for w in self.pool]
@@ -130,8 +138,9 @@ class GossipPull(_Gossip):
         return mixing.messages_per_worker(self.pool) * model_bytes
 
     def step_time(self, compute_s, num_workers, model_bytes, alpha, beta):
-        """The pulled model must arrive before the forward pass: compute + one message."""
-        return compute_s + costmodel.message_time(model_bytes, alpha, beta)
+        """The pulled model must arrive before the forward pass: compute + one message. Per-worker times
+        [S, k] (stragglers): ``neighbour_time``."""
+        return self.neighbour_time(compute_s, costmodel.message_time(model_bytes, alpha, beta))
 
 
 def _scale(tree, w):
@@ -185,5 +194,6 @@ class GossipPush(_Gossip):
         return mixing.messages_per_worker(self.pool) * (model_bytes + 4)
 
     def step_time(self, compute_s, num_workers, model_bytes, alpha, beta):
-        """Compute, then push one message (model + weight); the next step needs what was received."""
-        return compute_s + costmodel.message_time(model_bytes + 4, alpha, beta)
+        """Compute, then push one message (model + weight); the next step needs what was received (per-worker
+        times [S, k]: ``neighbour_time``)."""
+        return self.neighbour_time(compute_s, costmodel.message_time(model_bytes + 4, alpha, beta))

@@ -45,7 +45,7 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from lbsgd import costmodel, optim
+from lbsgd import costmodel, optim, stragglers
 from lbsgd.parallel import mixing
 from lbsgd.strategies import registry
 from lbsgd.strategies.base import Strategy, local_steps
@@ -376,6 +376,12 @@ class LocalSGD(Strategy):
         t = ring(num_workers) * (f + (1 - f) / h_glob)
         if o.group_size:
             t += ring(o.group_size) * (1 - f) * (1 / o.period - 1 / o.global_period)
+        if stragglers.per_worker(compute_s):  # stragglers: an average waits for the slowest of its workers
+            run = dataclasses.replace(self, switch_step=round(f * len(compute_s))) if o.post_local else self
+            levels = np.asarray(run.level(np.arange(len(compute_s))))
+            groups = group_matrix(num_workers, o.group_size) if o.group_size else None
+            sync = {NONE: (None, 0.0), GROUP: (groups, ring(o.group_size or 1)), GLOBAL: (stragglers.ALL, ring(num_workers))}
+            return stragglers.run_time(compute_s, lambda s: sync[int(levels[s])])
         return compute_s + t
 
     def result_fields(self, extra, num_workers, model_bytes):

@@ -26,7 +26,7 @@ class Program:
 
     config: Any
     layout: layout_lib.WorkerLayout
-    image_shape: tuple[int, int, int]
+    image_shape: tuple[int, ...]  # one example: (H, W, C) for an image model, (L, C) for a 1-D one
     model: Any
     tx: Any
     schedule: Any
@@ -65,8 +65,9 @@ def resolve_accumulation(
 
 
 def build(config, layout: layout_lib.WorkerLayout, *, num_classes: int, channels: int, steps_per_epoch: int) -> Program:
-    """The program of ``config`` on ``layout`` for a dataset of ``num_classes`` classes and images of
-    ``channels`` channels, with ``steps_per_epoch`` steps an epoch (the schedule counts in epochs)."""
+    """The program of ``config`` on ``layout`` for a dataset of ``num_classes`` classes and inputs (images,
+    or signals for a 1-D model) of ``channels`` channels, with ``steps_per_epoch`` steps an epoch (the
+    schedule counts in epochs)."""
     tx, schedule = optim.from_config(config, steps_per_epoch)
     model = model_factory.from_config(config, num_classes)
     strategy = strategies.from_config(config, layout.num_devices).bind(schedule, steps_per_epoch)
@@ -92,7 +93,7 @@ def build(config, layout: layout_lib.WorkerLayout, *, num_classes: int, channels
     return Program(
         config=config,
         layout=layout,
-        image_shape=(config.image_size, config.image_size, channels),
+        image_shape=model_factory.input_shape(config.model, config.image_size, channels),
         model=model,
         tx=tx,
         schedule=schedule,

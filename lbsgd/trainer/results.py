@@ -58,6 +58,8 @@ def _evaluation_fields(run: Run, eval_metrics: dict, last_metrics: dict) -> dict
         "eval_top1_error": 1.0 - float(eval_metrics["eval_accuracy"]),
         "eval_top5_error": 1.0 - float(eval_metrics["eval_top5_accuracy"]),
         "eval_examples": int(eval_metrics["eval_examples"]),
+        # 'validation': held-out training examples (config.validation_fraction); 'test': the dataset's evaluation split
+        "eval_split": "validation" if run.config.validation_fraction > 0 else "test",
         "train_loss": _float_or_none(last_metrics.get("loss")),  # loss of the last step, over its kn examples
     }, {
         "consensus_distance": float(eval_metrics["consensus_distance"]),

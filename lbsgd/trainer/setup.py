@@ -16,8 +16,8 @@ from jax.experimental import multihost_utils
 
 from lbsgd import checkpoint, strategies
 from lbsgd.config import validate
-from lbsgd.data import order, pipeline
-from lbsgd.errors import CheckpointError
+from lbsgd.data import holdout, order, pipeline
+from lbsgd.errors import CheckpointError, ConfigError
 from lbsgd.models import factory as model_factory
 from lbsgd.parallel import layout as layout_lib
 from lbsgd.trainer.build import Program, build
@@ -69,7 +69,26 @@ def load_dataset(config):
         multihost_utils.sync_global_devices("dataset prepared")
         if not is_chief:
             dataset = pipeline.load(config.dataset, config.data_dir)
+    if config.validation_fraction > 0:  # tuning: evaluate on held-out training examples; the test split is dropped
+        dataset = holdout.hold_out(dataset, config.validation_fraction)
     return dataset
+
+
+def check_input(config, dataset) -> None:
+    """The model reads what the dataset holds (images, or signals for a 1-D model) at ``config.image_size``
+    with ``config.augment``: one-line ``ConfigError`` naming the fix."""
+    kind = model_factory.input_kind(config.model)
+    if kind != dataset.kind:
+        models = ", ".join(n for n in model_factory.NAMES if model_factory.input_kind(n) == dataset.kind)
+        raise ConfigError(
+            f"config.model={config.model!r} reads {kind}s but {config.dataset} holds {dataset.kind}s; "
+            f"use --config.model=<one of {models}>"
+        )
+    problem = pipeline.input_problem(dataset, config.augment, config.image_size)
+    if problem:
+        raise ConfigError(problem)
+    if kind == "signal" and config.model_stem not in ("", "small"):
+        raise ConfigError(f"config.model_stem={config.model_stem!r} is for 2-D ResNets; use --config.model_stem=''")
 
 
 def setup(config, workdir: str) -> Run:
@@ -79,6 +98,7 @@ def setup(config, workdir: str) -> Run:
     layout = layout_lib.make_layout(config.num_workers, config.num_devices)
     dataset = load_dataset(config)
     validate.check_dataset(config, dataset.train.num_examples)
+    check_input(config, dataset)
     kn = config.num_workers * config.per_worker_batch_size
     spe = order.steps_per_epoch(dataset.train.num_examples, kn)
     total_steps = config.num_epochs * spe
