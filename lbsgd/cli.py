@@ -117,6 +117,27 @@ def override_problem(config, args: Sequence[str]) -> str | None:
     return None
 
 
+def add_run_flags(ap: argparse.ArgumentParser, *, workdir: str, workdir_help: str, cpu_devices: int) -> None:
+    """The flags shared by the tools that run ``lbsgd.main`` once per folder (``sweep``, ``compare``):
+    ``--config``, ``--workdir``, ``--override`` and ``--cpu_devices``."""
+    ap.add_argument("--config", required=True, metavar="PATH", help="an experiments/*.py config file (required)")
+    ap.add_argument("--workdir", metavar="DIR", default=workdir, help=workdir_help)
+    ap.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a config override for every run, without --config., e.g. --override=num_epochs=10 (repeatable)",
+    )
+    ap.add_argument(
+        "--cpu_devices",
+        type=int,
+        metavar="N",
+        default=cpu_devices,
+        help="simulated CPU devices per run; 0 = leave as is",
+    )
+
+
 def positive(kind: Callable = int) -> Callable[[str], object]:
     """An argparse ``type`` that converts with ``kind`` and rejects values <= 0."""
 

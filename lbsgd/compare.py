@@ -71,26 +71,16 @@ def labels() -> tuple[str, ...]:
     return tuple(e.label for e in entries())
 
 
-def slug(label: str) -> str:
-    """A directory-safe name for a label."""
-    return "".join(c if c.isalnum() or c == "-" else "_" for c in label)
-
-
 def run_dir(workdir: str, entry: Entry, k: int, seed: int) -> str:
     """The workdir of one run."""
-    return os.path.join(workdir, f"{slug(entry.label)}_k{k}_seed{seed}")
-
-
-def run_args(entry: Entry, k: int, seed: int, extra: Sequence[str]) -> list[str]:
-    """The ``--config.*`` overrides of one run (``extra`` last: they win)."""
-    return [f"--config.num_workers={k}", f"--config.seed={seed}", *entry.args(k), *extra]
+    return os.path.join(workdir, f"{runs.slug(entry.label)}_k{k}_seed{seed}")
 
 
 def run_one(config: str, workdir: str, entry: Entry, k: int, seed: int, extra: Sequence[str], env: dict,
             asked: dict | None = None) -> dict:
     """Train one run (or resume it) and return its results.json; raises ``runs.RunFailed`` (and
     ``StaleRun`` when its folder holds a run of another config than ``asked``, its resolved config)."""
-    return runs.run_main(config, run_dir(workdir, entry, k, seed), run_args(entry, k, seed, extra), env,
+    return runs.run_main(config, run_dir(workdir, entry, k, seed), runs.setting_args(entry, k, seed, extra), env,
                          f"{entry.label}, k={k}, seed {seed}", asked=asked)
 
 
@@ -230,10 +220,8 @@ EXAMPLES = (
 def make_parser() -> cli.ArgumentParser:
     """The flags of ``lbsgd.compare``."""
     ap = cli.ArgumentParser(prog="python -m lbsgd.compare", description=__doc__.split("\n\n")[0], examples=EXAMPLES)
-    ap.add_argument("--config", required=True, metavar="PATH", help="an experiments/*.py config file (required)")
-    ap.add_argument(
-        "--workdir", metavar="DIR", default="runs/compare", help="one folder per run, and the tables and figures"
-    )
+    cli.add_run_flags(ap, workdir="runs/compare", workdir_help="one folder per run, and the tables and figures",
+                      cpu_devices=8)
     ap.add_argument("--workers", default="8,16", help="comma-separated k values")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1; with --tune 0,1,2)")
     ap.add_argument("--strategies", default="", help="comma-separated labels to run (default: all); see --list")
@@ -242,20 +230,10 @@ def make_parser() -> cli.ArgumentParser:
         "--num_epochs", type=cli.positive(int), default=None, help="epochs of every run (default: the config's)"
     )
     ap.add_argument(
-        "--cpu_devices", type=int, metavar="N", default=8, help="simulated CPU devices per run; 0 = leave as is"
-    )
-    ap.add_argument(
         "--compute_ms",
         type=cli.positive(float),
         default=None,
         help="compute time per step per worker (default: measured from the allreduce run)",
-    )
-    ap.add_argument(
-        "--override",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="a config override for every run, without --config., e.g. --override=num_epochs=10 (repeatable)",
     )
     tune.add_flags(ap)
     straggler_report.add_flags(ap)
@@ -305,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if status is not None:
             return status
     plan = [(k, seed, e) for seed in args.seed_list for k in args.worker_list for e in args.entries]  # seed-major
-    planned = {(k, s, e): (run_dir(args.workdir, e, k, s), run_args(e, k, s, extra)) for k, s, e in plan}
+    planned = {(k, s, e): (run_dir(args.workdir, e, k, s), runs.setting_args(e, k, s, extra)) for k, s, e in plan}
     asked, status = runs.plan_runs("lbsgd.compare", args.config, planned)
     if asked is None:
         return status

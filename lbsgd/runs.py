@@ -48,17 +48,6 @@ RESULTS_FILE = "results.json"
 SHOWN_FIELDS = 3  # differing fields named in a StaleRun line
 
 
-def _load_plain(config_path: str):
-    """The config file's ``get_config()`` without overrides (to name a mistyped override's closest field)."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True)
-    values(["lbsgd.main", f"--config={config_path}"])
-    return values.config
-
-
 def resolve_config(config_path: str, overrides: Sequence[str]) -> dict[str, Any]:
     """The full config ``python -m lbsgd.main --config=<config_path> <overrides>`` runs with, as it records it
     in ``WORKDIR/config.json``: the file and the ``--config.*`` ``overrides`` parsed as lbsgd.main parses them
@@ -80,7 +69,7 @@ def resolve_config(config_path: str, overrides: Sequence[str]) -> dict[str, Any]
     except flags.Error as e:
         raise ConfigError(f"{_one_line(e)}; check the override") from None
     except (KeyError, AttributeError):
-        problem = cli.override_problem(_load_plain(config_path), overrides)
+        problem = cli.override_problem(load_config(config_path.split(":", 1)[0]), overrides)
         raise ConfigError(problem or f"an override of {' '.join(overrides)} names no field of {config_path}") from None
     except Exception as e:  # noqa: BLE001 - an error inside the user's config file or a bad value
         raise ConfigError(f"--config file {config_path!r} with {' '.join(overrides)} failed to load: "
@@ -211,6 +200,17 @@ def history(workdir: str, name: str = "eval_history.jsonl") -> list[dict]:
                     row = json.loads(line)
                     by_step[row["step"]] = row
     return [by_step[s] for s in sorted(by_step)]
+
+
+def slug(label: str) -> str:
+    """A directory-safe name for a label (compare's settings, tune's grid points)."""
+    return "".join(c if c.isalnum() or c == "-" else "_" for c in label)
+
+
+def setting_args(setting, k: int, seed: int, extra: Sequence[str]) -> list[str]:
+    """The ``--config.*`` overrides of one run of a comparison setting (anything with ``args(k)``, such as
+    ``lbsgd.compare.Entry``) at k workers and ``seed``; ``extra`` last, so they win."""
+    return [f"--config.num_workers={k}", f"--config.seed={seed}", *setting.args(k), *extra]
 
 
 def load_config(path: str):

@@ -287,24 +287,12 @@ EXAMPLES = (
 def make_parser() -> cli.ArgumentParser:
     """The flags of ``lbsgd.sweep``."""
     ap = cli.ArgumentParser(prog="python -m lbsgd.sweep", description=__doc__.split("\n\n")[0], examples=EXAMPLES)
-    ap.add_argument("--config", required=True, metavar="PATH", help="an experiments/*.py config file (required)")
-    ap.add_argument(
-        "--workdir", metavar="DIR", default="runs/sweep", help="one folder per (cell, seed), and the tables and figures"
-    )
+    cli.add_run_flags(ap, workdir="runs/sweep", workdir_help="one folder per (cell, seed), and the tables and figures",
+                      cpu_devices=0)
     ap.add_argument(
         "--grid", action="append", default=[], help="field=v1,v2;field=v1,...: a product of overrides (repeatable)"
     )
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, each run for every cell")
-    ap.add_argument(
-        "--override",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="a config override for every run, without --config., e.g. --override=num_epochs=10 (repeatable)",
-    )
-    ap.add_argument(
-        "--cpu_devices", type=int, metavar="N", default=0, help="simulated CPU devices per run; 0 = leave as is"
-    )
     ap.add_argument("--list", action="store_true", help="print the cells and exit")
     return ap
 

@@ -126,18 +126,9 @@ def check_flags(ap, args) -> None:
         ap.error(f"--validation_fraction={args.validation_fraction} must be in (0, 1)")
 
 
-def _slug(label: str) -> str:
-    return "".join(c if c.isalnum() or c == "-" else "_" for c in label)  # as lbsgd.compare.slug
-
-
 def tune_dir(workdir: str, label: str, k: int, point: Point) -> str:
     """The workdir of one tuning run."""
-    return os.path.join(workdir, "tune", f"{_slug(label)}_k{k}_{point.name()}")
-
-
-def _setting_args(entry, k: int, seed: int, extra: Sequence[str]) -> list[str]:
-    """A setting's overrides as ``lbsgd.compare.run_args`` gives them (``extra`` last)."""
-    return [f"--config.num_workers={k}", f"--config.seed={seed}", *entry.args(k), *extra]
+    return os.path.join(workdir, "tune", f"{runs.slug(label)}_k{k}_{point.name()}")
 
 
 def _point_args(base: dict, point: Point) -> list[str]:
@@ -150,11 +141,11 @@ def plan(args, extra: Sequence[str]) -> tuple[dict, dict]:
     """``(bases, planned)``: each (k, entry)'s resolved untuned config, and every tuning run as ``{(k, entry, point):
     (workdir, overrides)}``. Raises ``ConfigError`` (one line)."""
     seed = args.seed_list[0]
-    bases = {(k, e): runs.resolve_config(args.config, _setting_args(e, k, seed, extra))
+    bases = {(k, e): runs.resolve_config(args.config, runs.setting_args(e, k, seed, extra))
              for k in args.worker_list for e in args.entries}
     held_out = [f"--config.validation_fraction={args.validation_fraction!r}"]
     planned = {(k, e, p): (tune_dir(args.workdir, e.label, k, p),
-                           _setting_args(e, k, seed, [*extra, *held_out, *_point_args(bases[k, e], p)]))
+                           runs.setting_args(e, k, seed, [*extra, *held_out, *_point_args(bases[k, e], p)]))
                for k in args.worker_list for e in args.entries for p in args.grid}
     return bases, planned
 

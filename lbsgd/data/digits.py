@@ -79,8 +79,9 @@ def default_data_dir() -> str:
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EIO)
 
 
-def _unwritable(data_dir: str, error: Exception) -> str:
-    """One line: ``data_dir`` cannot take the prepared digits, the OS's reason, and the fix."""
+def unwritable(data_dir: str, error: Exception, what: str = "prepare the digits dataset") -> str:
+    """One line: ``data_dir`` cannot take what a source writes there (``what``: the prepared digits, the
+    MNIST-1D cache), the OS's reason, and the fix."""
     if isinstance(error, OSError) and error.strerror:
         code, reason = error.errno, error.strerror + (f": {error.filename!r}" if error.filename else "")
     else:
@@ -89,7 +90,7 @@ def _unwritable(data_dir: str, error: Exception) -> str:
         reason = os.strerror(code) if code else text
     fix = "free space there, or " if code in (errno.ENOSPC, errno.EDQUOT) else ""
     return (
-        f"cannot prepare the digits dataset in {data_dir!r} ({reason}); {fix}"
+        f"cannot {what} in {data_dir!r} ({reason}); {fix}"
         f"pass --config.data_dir=<a writable directory> or set TFDS_DATA_DIR"
     )
 
@@ -105,7 +106,7 @@ def builder(data_dir: str | None) -> LbsgdDigits:
         if not b.is_prepared():
             b.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
     except (OSError, RuntimeError, tf.errors.OpError) as e:  # array_record's writer raises RuntimeError
-        raise DataError(_unwritable(data_dir, e)) from e
+        raise DataError(unwritable(data_dir, e)) from e
     return b
 
 

@@ -26,7 +26,6 @@ generation arguments differ is regenerated. A data directory that cannot be writ
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
@@ -36,7 +35,7 @@ import zipfile
 import numpy as np
 
 from lbsgd.data import sources
-from lbsgd.data.digits import default_data_dir
+from lbsgd.data.digits import default_data_dir, unwritable
 from lbsgd.data.sources import DataError
 
 NUM_CLASSES, CHANNELS, LENGTH = 10, 1, 40
@@ -102,16 +101,6 @@ def _read_cache(path: str, key: str) -> dict[str, np.ndarray] | None:
         return None
 
 
-def _unwritable(data_dir: str, error: OSError) -> str:
-    """One line: ``data_dir`` cannot take the MNIST-1D cache, the OS's reason, and the fix."""
-    reason = (error.strerror or str(error)) + (f": {error.filename!r}" if error.filename else "")
-    fix = "free space there, or " if error.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-    return (
-        f"cannot write the MNIST-1D cache in {data_dir!r} ({reason}); {fix}"
-        f"pass --config.data_dir=<a writable directory> or set TFDS_DATA_DIR"
-    )
-
-
 def _write_cache(path: str, key: str, data: dict[str, np.ndarray]) -> None:
     """Write ``data`` to ``path`` atomically (a temporary file in the same directory, then renamed)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -140,7 +129,7 @@ def cached(num_train: int, num_test: int, seed: int = SEED, data_dir: str | None
         try:
             _write_cache(path, key, data)
         except OSError as e:
-            raise DataError(_unwritable(data_dir, e)) from None
+            raise DataError(unwritable(data_dir, e, "write the MNIST-1D cache")) from None
     return data
 
 

@@ -26,7 +26,7 @@ This module imports only jax and flax.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -212,6 +212,21 @@ class SpaceToDepthStem(nn.Module):
         return lax.conv_general_dilated(space_to_depth(x), k4, (1, 1), "VALID", dimension_numbers=_NHWC)
 
 
+def batch_norm(model: nn.Module, train: bool) -> Callable[..., nn.BatchNorm]:
+    """The BatchNorm of a ResNet ``model`` (2-D here, 1-D in ``resnet1d``): its momentum, ε and dtype, float32
+    statistics, batch statistics in training, and the BN-group axis (``bn_axis_name``/``bn_axis_index_groups``)."""
+    return functools.partial(
+        nn.BatchNorm,
+        use_running_average=not train,
+        momentum=model.bn_momentum,
+        epsilon=model.bn_epsilon,
+        dtype=model.dtype,
+        param_dtype=jnp.float32,
+        axis_name=model.bn_axis_name,
+        axis_index_groups=model.bn_axis_index_groups,
+    )
+
+
 class ResNet(nn.Module):
     """ResNet v1.5 classifier.
 
@@ -245,16 +260,7 @@ class ResNet(nn.Module):
         conv = functools.partial(
             nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_init, conv_general_dilated=conv_general_dilated
         )
-        norm = functools.partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            momentum=self.bn_momentum,
-            epsilon=self.bn_epsilon,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            axis_name=self.bn_axis_name,
-            axis_index_groups=self.bn_axis_index_groups,
-        )
+        norm = batch_norm(self, train)
         block_cls = {"basic": BasicBlock, "bottleneck": BottleneckBlock}[self.block]
         x = x.astype(self.dtype)
         if self.stem in ("imagenet", "space_to_depth"):

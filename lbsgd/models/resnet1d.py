@@ -24,7 +24,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lbsgd.models.resnet import BasicBlock, BottleneckBlock, conv_init, dense_init
+from lbsgd.models.resnet import BasicBlock, BottleneckBlock, batch_norm, conv_init, dense_init
 
 #: name -> (block kind, stage sizes)
 ARCHITECTURES = {
@@ -70,16 +70,7 @@ class ResNet1D(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = True):
         conv = functools.partial(conv1d, use_bias=False, dtype=self.dtype, kernel_init=conv_init)
-        norm = functools.partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            momentum=self.bn_momentum,
-            epsilon=self.bn_epsilon,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            axis_name=self.bn_axis_name,
-            axis_index_groups=self.bn_axis_index_groups,
-        )
+        norm = batch_norm(self, train)
         block_cls = {"basic": BasicBlock, "bottleneck": BottleneckBlock}[self.block]
         x = conv(self.width, self.stem_kernel, name="stem_conv")(x.astype(self.dtype))
         x = nn.relu(norm(name="stem_bn")(x))
