@@ -137,8 +137,9 @@ def summary_table(rows: list[dict], workers: Sequence[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(workdir: str, rows: list[dict], histories: dict, workers: Sequence[int]) -> list[str]:
-    """compare_epochs.png and one compare_time_k<k>.png per k; returns the paths written."""
+def plot(workdir: str, rows: list[dict], histories: dict, workers: Sequence[int], dataset: str = "") -> list[str]:
+    """compare_epochs.png and one compare_time_k<k>.png per k (``dataset`` names the data in the title);
+    returns the paths written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,7 +169,7 @@ def plot(workdir: str, rows: list[dict], histories: dict, workers: Sequence[int]
         ax.set(title=f"k = {k} workers", xlabel="epoch", ylabel="test error (%)", yscale="log")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="upper right")
-    fig.suptitle("Test error against epochs (digits; every seed drawn)")
+    fig.suptitle(f"Test error against epochs ({dataset + '; ' if dataset else ''}every seed drawn)")
     fig.tight_layout()
     path = os.path.join(workdir, "compare_epochs.png")
     fig.savefig(path, dpi=110)
@@ -335,7 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(os.path.join(args.workdir, "compare.md"), "w") as f:
             f.write(summary_table(rows, args.worker_list) + tune.table(args, rows)
                     + straggler_report.table(args, rows, args.worker_list, labels(), time_panels()))
-        for p in plot(args.workdir, rows, histories, args.worker_list):
+        for p in plot(args.workdir, rows, histories, args.worker_list,
+                      configs[rows[0]["run"]].get("dataset", "") if rows else ""):
             print(f"wrote {p}")
         print(f"wrote {os.path.join(args.workdir, 'compare.csv')} and compare.md ({len(rows)} runs, "
               f"{progress.minutes:.1f} min)")
