@@ -269,6 +269,15 @@ def parse(argv):
     return args
 
 
+def run_overrides(args) -> list[str]:
+    """The ``--config.*`` overrides every run of the comparison gets (before tuning and its setting's own):
+    an evaluation every epoch, ``--override`` and ``--num_epochs``."""
+    extra = ["--config.eval_every_epochs=1", *[f"--config.{o}" for o in args.override]]
+    if args.num_epochs:
+        extra.append(f"--config.num_epochs={args.num_epochs}")
+    return extra
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run (or resume) every run, then write compare.csv, compare.md and the figures."""
     cli.require_train_extra("lbsgd.compare")  # the configs and the runs need lbsgd[train]
@@ -276,9 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list:
         print("\n".join(labels()))
         return 0
-    extra = ["--config.eval_every_epochs=1", *[f"--config.{o}" for o in args.override]]
-    if args.num_epochs:
-        extra.append(f"--config.num_epochs={args.num_epochs}")
+    extra = run_overrides(args)
     if args.tune:  # each setting's rate and momentum, chosen on held-out training data first (lbsgd.tune)
         extra, status = tune.tune(args, extra, runs.child_env(args.cpu_devices))
         if status is not None:

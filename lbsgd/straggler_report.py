@@ -83,7 +83,7 @@ def step_columns(args, row: dict, compute_s: float, model: Callable[[object], di
     return out
 
 
-def _steps_to(history: list[dict], target: float) -> int | None:
+def steps_to(history: list[dict], target: float) -> int | None:
     """The first evaluated step whose test error (%) is at most ``target``."""
     for e in history:
         if 100 * (1 - e["eval_accuracy"]) <= target + 1e-9:
@@ -101,7 +101,7 @@ def annotate_targets(args, rows: list[dict], histories: dict) -> None:
         if target is None:
             target = max(100 * (1 - r["eval_accuracy"]) for r in same_k)
         row["target_error"] = target
-        reached = _steps_to(histories[row["run"]], target)
+        reached = steps_to(histories[row["run"]], target)
         for key in [key for key in row if key.startswith("step_s ")]:
             name = "time_to_target_s " + key[len("step_s "):]
             row[name] = None if reached is None else reached * row[key]

@@ -332,6 +332,11 @@ def final_training(history: list[dict]) -> dict:
     return {"final_train_loss": last["train_loss"], "final_train_error": 1.0 - last["train_accuracy"]}
 
 
+def run_overrides(args, cell: Cell, seed: int) -> list[str]:
+    """The ``--config.*`` overrides of one run: ``--override``, then the cell's, then the seed."""
+    return [*[f"--config.{o}" for o in args.override], *cell.args(), f"--config.seed={seed}"]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run (or resume) every (cell, seed), then write sweep.csv, sweep.md and the figures."""
     cli.require_train_extra("lbsgd.sweep")  # the configs and the runs need lbsgd[train]
@@ -340,9 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(c.label for c in args.cells))
         print(f"{len(args.cells)} cells x {len(args.seed_list)} seeds = {len(args.cells) * len(args.seed_list)} runs")
         return 0
-    extra = [f"--config.{o}" for o in args.override]
     todo = [(seed, cell) for seed in args.seed_list for cell in args.cells]  # seed-major: every cell early
-    overrides = {(seed, cell): [*extra, *cell.args(), f"--config.seed={seed}"] for seed, cell in todo}
+    overrides = {(seed, cell): run_overrides(args, cell, seed) for seed, cell in todo}
     planned = {(s, c): (run_dir(args.workdir, c, s), overrides[s, c]) for s, c in todo}
     asked, status = runs.plan_runs("lbsgd.sweep", args.config, planned)
     if asked is None:

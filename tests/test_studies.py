@@ -54,15 +54,12 @@ def test_study_script_asks_for_valid_runs(script, tmp_path):
         module, argv = call[1], call[2:]
         if module == "lbsgd.sweep":
             args = sweep.parse(argv)  # exits 2 on a bad grid, field or value
-            extra = [f"--config.{o}" for o in args.override]
             for cell in args.cells:
-                runs.resolve_config(args.config, [*extra, *cell.args(), "--config.seed=0"])
+                runs.resolve_config(args.config, sweep.run_overrides(args, cell, args.seed_list[0]))
                 checked += 1
         elif module == "lbsgd.compare":
             args = compare.parse(argv)  # exits 2 on an unknown label, a bad tuning grid or bad flags
-            extra = [f"--config.{o}" for o in args.override]
-            if args.num_epochs:
-                extra.append(f"--config.num_epochs={args.num_epochs}")
+            extra = compare.run_overrides(args)
             for k in args.worker_list:
                 for entry in args.entries:
                     runs.resolve_config(args.config, runs.setting_args(entry, k, args.seed_list[0], extra))
@@ -108,7 +105,7 @@ def test_jin_summary_picks_the_fastest_and_keeps_the_simulated_server_apart(tmp_
     write("ps_sim_p8", [row("ps_sim_p8", "async_ps tau=k-1", (9, 7, 7), {"cv=0": 0.4, "cv=0.1": 0.4, "cv=0.5": 0.2})])
     rows = summarize.load(str(tmp_path))
     assert sorted(r["label"] for r in rows) == ["allreduce", "async_ps simulated", "async_ps tau=k-1"]
-    summarize.add_targets(rows, [10.0, 5.0], summarize.read_history)
+    summarize.add_targets(rows, [10.0, 5.0])
     text = summarize.summary(rows, [10.0, 5.0])
     fastest = [line for line in text.splitlines() if line.startswith("| cv=")]
     # 10 %: allreduce at step 20, the fixed server at 20, the simulated one at 10.

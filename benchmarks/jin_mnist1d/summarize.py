@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import csv
 import glob
-import json
 import math
 import os
 import sys
+
+from lbsgd import runs, straggler_report
 
 SIM = "async_ps simulated"  # the label given here to the parameter server with simulated pulls
 CVS = ("cv=0", "cv=0.1", "cv=0.5")
@@ -47,21 +48,13 @@ def load(workdir: str) -> list[dict]:
     return rows
 
 
-def steps_to(history: list[dict], target: float):
-    """The first evaluated step whose test error (%) is at most ``target``, or None."""
-    for e in history:
-        if 100 * (1 - e["eval_accuracy"]) <= target + 1e-9:
-            return int(e["step"])
-    return None
-
-
-def add_targets(rows: list[dict], targets, read_history) -> None:
+def add_targets(rows: list[dict], targets) -> None:
     """Adds ``time_to_target_s <T> <cv> <panel>`` to every row: the first evaluated step at or below T % test
-    error (``read_history(run folder)``) × the modelled seconds per step (``step_s <cv> <panel>``)."""
+    error (the run folder's evaluations, ``lbsgd.runs.history``) × the modelled seconds per step (``step_s <cv> <panel>``)."""
     for row in rows:
-        history = read_history(row["run"])
+        history = runs.history(row["run"])
         for target in targets:
-            reached = steps_to(history, target)
+            reached = straggler_report.steps_to(history, target)
             for cv in CVS:
                 for panel in PANELS:
                     step = _num(row.get(f"step_s {cv} {panel}"))
@@ -162,12 +155,6 @@ def plot(rows: list[dict], target: float, path: str) -> None:
     plt.close(fig)
 
 
-def read_history(run: str) -> list[dict]:
-    """A run folder's eval_history.jsonl."""
-    with open(os.path.join(run, "eval_history.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def main(argv):
     """Writes summary.md and time_to_target.png."""
     targets = [5.0, 10.0, 25.0]
@@ -181,7 +168,7 @@ def main(argv):
     if not rows:
         print(f"summarize: no compare.csv under {argv[0]!r}; run benchmarks/jin_mnist1d/run.sh first", file=sys.stderr)
         return 2
-    add_targets(rows, targets, read_history)
+    add_targets(rows, targets)
     outdir = argv[1] if len(argv) == 2 else argv[0]
     with open(os.path.join(outdir, "summary.md"), "w") as f:
         f.write(summary(rows, targets))
